@@ -1,0 +1,45 @@
+# gmeta: quick start is `make train` then `make test` (both create the venv on first use).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXPERIMENT ?= movielens_maml
+ARGS ?=
+
+.PHONY: setup data train eval test test-all lint bench clean-data
+
+setup: $(STAMP)
+
+# Idempotent: reinstalls only when the dependency pins change. torch goes first and pinned, so that
+# pip finds it satisfied and never pulls a multi-GB CUDA build on a CPU machine.
+$(STAMP): pyproject.toml requirements-lock.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Fetch MovieLens-1M into the git-ignored cache and build its task shards (skipped when present).
+data: setup
+	$(PY) scripts/prepare_data.py data=movielens1m
+
+train: data
+	$(PY) train.py +experiment=$(EXPERIMENT) $(ARGS)
+
+eval: setup
+	$(PY) eval.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check src tests scripts train.py eval.py
+	$(PY) -m ruff format --check src tests scripts train.py eval.py
+
+clean-data:
+	rm -rf data/movielens1m/shards data/synthetic

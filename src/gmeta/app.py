@@ -1,0 +1,116 @@
+"""The train and evaluate flows behind ``train.py`` and ``eval.py`` (config in, results out)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from gmeta.meta.module import MetaDLRMModule
+from gmeta.report import print_metrics, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a config group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def save_run_info(cfg: DictConfig, output_dir: Path) -> None:
+    """Store the resolved config and the git commit next to the run's outputs."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    root = Path(cfg.paths.root_dir)
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        info = f"{commit}{' (with uncommitted changes)' if dirty else ''}\n"
+    except (OSError, subprocess.CalledProcessError):
+        info = "unknown (not a git checkout)\n"
+    (output_dir / "git_commit.txt").write_text(info)
+
+
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """Instantiate the DataModule and make sure its shards exist (building them if needed)."""
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    return datamodule
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks: list[Callback] = _instantiate_group(cfg.get("callbacks"))
+    loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def _report(model: MetaDLRMModule, trainer: L.Trainer, output_dir: Path, title: str) -> list[dict]:
+    records = model.test_records
+    if trainer.is_global_zero and records:
+        print_metrics(records, title=title)
+        path = write_metrics(records, output_dir)
+        log.info("wrote %s", path)
+    return records
+
+
+def train(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Fit a model (or resume from ``cfg.ckpt_path``), then test its best checkpoint."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    save_run_info(cfg, output_dir)
+    datamodule = build_datamodule(cfg)
+    model: MetaDLRMModule = instantiate(
+        cfg.model, schema=datamodule.schema.to_dict(), meta=OmegaConf.to_container(cfg.meta, resolve=True),
+        _convert_="all",
+    )
+    trainer = build_trainer(cfg)
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if not cfg.get("test", True):
+        return []
+    best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), "")
+    if not best:
+        log.info("no best checkpoint (checkpointing off or fast_dev_run): testing the current weights")
+    trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+    return _report(model, trainer, output_dir, f"test: {cfg.meta.name} ({cfg.task_name})")
+
+
+def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Evaluate the checkpoint ``cfg.ckpt_path`` on ``cfg.split`` (test or val) of ``cfg.data``."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    save_run_info(cfg, output_dir)
+    ckpt = Path(cfg.ckpt_path)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+    datamodule = build_datamodule(cfg)
+    model = MetaDLRMModule.load_from_checkpoint(ckpt, map_location="cpu")
+    if model.schema.to_dict()["fields"] != datamodule.schema.to_dict()["fields"]:
+        raise ValueError(
+            f"checkpoint {ckpt} was trained on a different schema than the shards in {datamodule.data_dir}"
+        )
+    trainer = build_trainer(cfg)
+    if cfg.split == "val":
+        # validation metrics are logged only; run them through the test path to get records
+        datamodule.test_dataloader = datamodule.val_dataloader  # type: ignore[method-assign]
+    elif cfg.split != "test":
+        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
+    trainer.test(model, datamodule=datamodule)
+    return _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")

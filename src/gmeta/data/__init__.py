@@ -1,0 +1,1 @@
+"""Data: sources -> tasks -> task-grouped shards -> streaming DataModule -> TaskBatch."""

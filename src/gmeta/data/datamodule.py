@@ -1,0 +1,348 @@
+"""Stream task shards into ``TaskBatch``es: explicit rank/worker splitting, task shuffling, batching.
+
+Every task is read exactly once per epoch across all (rank, worker) slots:
+
+* slots are ``rank * num_workers + worker`` (``num_workers`` counts 1 for in-process loading);
+* with at least as many shards as slots, shards (in an order shuffled per epoch for training) go
+  round-robin to slots; otherwise every slot reads every shard and keeps every ``slots``-th task.
+
+Rank and world size are passed in explicitly (``torch.distributed`` is not initialised inside
+DataLoader workers and WebDataset's default node splitter raises in multi-process runs).
+
+With ``equal_batches`` (the default) each rank yields the same number of batches per epoch:
+ranks with fewer real batches append batches of one masked dummy task (``task_mask`` False), so
+collective embedding lookups never deadlock on uneven data. Real tasks are never dropped or duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from gmeta.data.batch import TaskBatch, TaskRecord, collate_tasks
+from gmeta.data.schema import MULTI_HOT_PAD, Schema
+from gmeta.data.shards import MANIFEST, Manifest, iter_shard, prepare_shards, read_manifest, verify_shards
+from gmeta.data.sources.base import Source
+from gmeta.data.tasks import TaskConfig
+
+log = logging.getLogger(__name__)
+
+
+def dummy_record(schema: Schema) -> TaskRecord:
+    """A task with one all-zero sample per set, used for masked padding batches."""
+    fm = len(schema.multi_hot)
+    arrays: dict[str, np.ndarray] = {}
+    for which in ("support", "query"):
+        arrays[f"{which}.sparse"] = np.zeros((1, len(schema.sparse)), np.int64)
+        arrays[f"{which}.multi_hot"] = np.full(
+            (1, fm, schema.max_multi_hot_len if fm else 0), MULTI_HOT_PAD, np.int64
+        )
+        arrays[f"{which}.dense"] = np.zeros((1, len(schema.dense)), np.float32)
+        arrays[f"{which}.label"] = np.zeros((1,), np.float32)
+    return TaskRecord(task_id="", state="warm", arrays=arrays)
+
+
+def dummy_batch(schema: Schema) -> TaskBatch:
+    """A one-task batch whose task and samples are all masked out, like ``pad_tasks``'s dummies."""
+    batch = collate_tasks([dummy_record(schema)])
+    batch.task_mask[:] = False
+    batch.support.mask[:] = False
+    batch.query.mask[:] = False
+    batch.task_ids = [""]
+    return batch
+
+
+class TaskStreamDataset(IterableDataset):
+    """Iterable over ``TaskBatch``es of one split, for one rank (see the module docstring).
+
+    Args:
+        shards: shard paths of the split.
+        shard_tasks: tasks per shard (from the manifest; a shard yielding a different count is an error).
+        schema: encoded schema (records are validated against it).
+        batch_tasks: tasks per batch (the last batch of a slot may be smaller).
+        shuffle: shuffle shard order per epoch and tasks through a buffer (training).
+        shuffle_buffer: tasks held in the shuffle buffer (1 disables task-level shuffling).
+        seed: base seed; epoch ``e`` uses ``(seed, e)`` so reshuffles differ per epoch but are repeatable.
+        rank / world_size: this process's place among the data-parallel ranks.
+        equal_batches: pad every rank to the same number of batches with masked dummy batches.
+        drop_last: drop each slot's last incomplete batch.
+    """
+
+    def __init__(
+        self,
+        shards: list[Path],
+        shard_tasks: list[int],
+        schema: Schema,
+        batch_tasks: int,
+        shuffle: bool = False,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        equal_batches: bool = True,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if len(shards) != len(shard_tasks):
+            raise ValueError("shards and shard_tasks must have the same length")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if batch_tasks < 1:
+            raise ValueError("batch_tasks must be >= 1")
+        self.shards = [Path(s) for s in shards]
+        self.shard_tasks = [int(n) for n in shard_tasks]
+        self.schema = schema
+        self.batch_tasks = batch_tasks
+        self.shuffle = shuffle
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.seed = seed
+        self.rank, self.world_size = rank, world_size
+        self.equal_batches = equal_batches
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose shuffle order the next iteration uses."""
+        self.epoch = int(epoch)
+
+    # -- planning (pure functions of epoch, slots and the manifest counts) -------------------
+    def shard_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(len(self.shards)))
+        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))]
+
+    def slot_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[list[int], int | None]:
+        """(shards this slot reads, task stride or None): the stride is used when shards < slots."""
+        order = self.shard_order(epoch)
+        if len(order) >= num_slots:
+            return order[slot::num_slots], None
+        return order, num_slots
+
+    def slot_tasks(self, slot: int, num_slots: int, epoch: int) -> int:
+        shards, stride = self.slot_plan(slot, num_slots, epoch)
+        total = sum(self.shard_tasks[i] for i in shards)
+        return total if stride is None else len(range(slot, total, stride))
+
+    def _num_batches(self, tasks: int) -> int:
+        return tasks // self.batch_tasks if self.drop_last else math.ceil(tasks / self.batch_tasks)
+
+    def rank_batches(self, rank: int, num_workers: int, epoch: int) -> int:
+        """Real batches rank ``rank`` yields in ``epoch`` with ``num_workers`` loader workers."""
+        w = max(1, num_workers)
+        return sum(
+            self._num_batches(self.slot_tasks(rank * w + k, self.world_size * w, epoch)) for k in range(w)
+        )
+
+    def num_batches(self, num_workers: int = 0, epoch: int | None = None) -> int:
+        """Batches this rank yields per epoch, padding included."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.equal_batches:
+            return max(self.rank_batches(r, num_workers, epoch) for r in range(self.world_size))
+        return self.rank_batches(self.rank, num_workers, epoch)
+
+    # -- iteration ---------------------------------------------------------------------------
+    def _records(self, slot: int, num_slots: int, epoch: int) -> Iterator[TaskRecord]:
+        shards, stride = self.slot_plan(slot, num_slots, epoch)
+        index = 0
+        for i in shards:
+            for record in iter_shard(self.shards[i], self.schema, expected_tasks=self.shard_tasks[i]):
+                if stride is None or index % stride == slot:
+                    yield record
+                index += 1
+
+    def _shuffled(self, records: Iterator[TaskRecord], rng: np.random.Generator) -> Iterator[TaskRecord]:
+        buffer: list[TaskRecord] = []
+        for r in records:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(r)
+                continue
+            j = int(rng.integers(len(buffer)))
+            yield buffer[j]
+            buffer[j] = r
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        num_slots = self.world_size * num_workers
+        slot = self.rank * num_workers + worker
+        epoch = self.epoch
+        records = self._records(slot, num_slots, epoch)
+        if self.shuffle and self.shuffle_buffer > 1:
+            records = self._shuffled(records, np.random.default_rng([self.seed, epoch, slot, 1]))
+        chunk: list[TaskRecord] = []
+        for r in records:
+            chunk.append(r)
+            if len(chunk) == self.batch_tasks:
+                yield collate_tasks(chunk)
+                chunk = []
+        if chunk and not self.drop_last:
+            yield collate_tasks(chunk)
+        if self.equal_batches and worker == 0:
+            workers = num_workers if info is not None else 0
+            missing = self.num_batches(workers, epoch) - self.rank_batches(self.rank, workers, epoch)
+            for _ in range(missing):
+                yield dummy_batch(self.schema)
+
+
+def _identity(batch: TaskBatch) -> TaskBatch:
+    return batch
+
+
+class TaskDataLoader(DataLoader):
+    """A DataLoader of ``TaskBatch``es that sets the dataset's epoch each time it is iterated.
+
+    ``epoch_fn`` (e.g. the trainer's current epoch) picks the epoch; without it the loader counts
+    its own iterations. Workers must not be persistent, or they would keep a stale epoch. The loader
+    has no ``len``: padded batch counts can change per epoch, and a stale length would make
+    Lightning stop early and skip tasks (``dataset.num_batches()`` gives the exact count).
+    """
+
+    def __init__(
+        self, dataset: TaskStreamDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
+    ) -> None:
+        if kwargs.get("persistent_workers"):
+            raise ValueError(
+                "TaskDataLoader does not support persistent_workers (the epoch is set per iteration)"
+            )
+        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
+        self._epoch_fn = epoch_fn
+        self._iterations = 0
+
+    def __iter__(self) -> Iterator[TaskBatch]:  # type: ignore[override]
+        epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
+        self._iterations += 1
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        return super().__iter__()
+
+
+class TaskDataModule(L.LightningDataModule):
+    """LightningDataModule over task shards (see the module docstring).
+
+    Args:
+        data_dir: folder holding ``manifest.json`` and the shards.
+        batch_tasks / eval_batch_tasks: tasks per training / evaluation batch.
+        num_workers: DataLoader worker processes per rank.
+        shuffle_buffer: tasks in the training shuffle buffer.
+        seed: shuffle seed of the training stream.
+        build_seed: seed of the shard build (splits, random queries) when shards are prepared here;
+            separate from ``seed`` so that training with another seed reuses the same shards.
+        verify_checksums: check shard sha256 in ``setup`` (sizes and task counts are always checked).
+        source / task_config / tasks_per_shard: if given, ``prepare_data`` builds missing shards.
+        rank / world_size: override the trainer's global rank / world size (tests, custom launchers).
+        equal_batches: pad ranks to equal batch counts with masked dummy batches.
+        force: rebuild shards even if a manifest exists.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        batch_tasks: int = 32,
+        eval_batch_tasks: int = 64,
+        num_workers: int = 0,
+        shuffle_buffer: int = 256,
+        seed: int = 0,
+        verify_checksums: bool = True,
+        source: Source | None = None,
+        task_config: TaskConfig | None = None,
+        tasks_per_shard: int = 256,
+        rank: int | None = None,
+        world_size: int | None = None,
+        equal_batches: bool = True,
+        force: bool = False,
+        build_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.batch_tasks, self.eval_batch_tasks = batch_tasks, eval_batch_tasks
+        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.verify_checksums = verify_checksums
+        self.source, self.task_config, self.tasks_per_shard = source, task_config, tasks_per_shard
+        self._rank, self._world_size = rank, world_size
+        self.equal_batches, self.force, self.build_seed = equal_batches, force, build_seed
+        self.manifest: Manifest | None = None
+        self.schema: Schema | None = None
+
+    def prepare_data(self) -> None:
+        if (self.data_dir / MANIFEST).is_file() and not self.force and self.source is None:
+            return
+        if self.source is None:
+            raise FileNotFoundError(
+                f"{self.data_dir / MANIFEST} not found and no source given: build the shards with "
+                "gmeta.data.shards.prepare_shards(source, task_config, data_dir), or pass source= and "
+                "task_config= to TaskDataModule (data=movielens1m / data=synthetic in the Hydra config)"
+            )
+        prepare_shards(
+            self.source,
+            self.task_config or TaskConfig(),
+            self.data_dir,
+            tasks_per_shard=self.tasks_per_shard,
+            seed=self.build_seed,
+            force=self.force,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.manifest is not None:
+            return
+        manifest = read_manifest(self.data_dir)
+        verify_shards(manifest, check_checksums=self.verify_checksums)
+        self.manifest, self.schema = manifest, manifest.schema
+        log.info(
+            "task shards in %s: %s",
+            self.data_dir,
+            {s: manifest.num_tasks(s) for s in ("train", "val", "test")},
+        )
+
+    def rank_world(self) -> tuple[int, int]:
+        """(global rank, world size): constructor overrides, else the attached trainer, else (0, 1)."""
+        trainer = self.trainer
+        rank = self._rank if self._rank is not None else (trainer.global_rank if trainer is not None else 0)
+        world = (
+            self._world_size
+            if self._world_size is not None
+            else (trainer.world_size if trainer is not None else 1)
+        )
+        return rank, world
+
+    def dataset(self, split: str) -> TaskStreamDataset:
+        if self.manifest is None or self.schema is None:
+            raise RuntimeError("TaskDataModule.setup() must run before the dataloaders are built")
+        rank, world = self.rank_world()
+        train = split == "train"
+        return TaskStreamDataset(
+            shards=self.manifest.shard_paths(split),
+            shard_tasks=[s["tasks"] for s in self.manifest.shards(split)],
+            schema=self.schema,
+            batch_tasks=self.batch_tasks if train else self.eval_batch_tasks,
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            equal_batches=self.equal_batches,
+        )
+
+    def _epoch(self) -> int:
+        trainer = self.trainer
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def _loader(self, split: str) -> TaskDataLoader:
+        epoch_fn = self._epoch if self.trainer is not None else None
+        return TaskDataLoader(self.dataset(split), epoch_fn=epoch_fn, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> TaskDataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> TaskDataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> TaskDataLoader:
+        return self._loader("test")

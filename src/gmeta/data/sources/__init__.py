@@ -1,0 +1,1 @@
+"""Readers that turn raw interactions into an (interactions, Schema) pair."""

@@ -1,0 +1,388 @@
+"""Turn an interaction table into meta-learning tasks: cold-start states, support/query, splits, ids.
+
+A task is one value of the task key (a user by default) in one cold-start state (MeLU / MAMO):
+
+* a *new user* first interacts after the ``new_user_quantile`` of all users' first-interaction times;
+* a *new item* satisfies ``new_item_rule``: ``{column, min_value}`` (e.g. ML-1M ``release_year >= 1998``)
+  or ``{quantile}`` (the item's first appearance is after that quantile of items' first appearances);
+* a user's interactions are partitioned into warm / user_cold / item_cold / user_item_cold, one task
+  per (user, state) whose interaction count lies in [min_interactions, max_interactions].
+
+Splits: train holds warm tasks only. A warm task with n interactions (time-ordered) and
+``n - query_size >= min_interactions`` also yields a *warm evaluation* task: its last
+``query_size`` interactions are the query, the preceding ones the support, and only those preceding
+ones go to train (so an evaluation support set re-uses training interactions by design, exactly as a
+returning user's history would). Cold tasks and warm-evaluation tasks go to val or test by a seeded
+hash of the task key value, so one user's evaluation tasks never straddle val and test.
+
+Encoding: id vocabularies come from the train split only (sorted values -> 1..V-1); values never
+seen in training map to the OOV row 0, or to a stable hash bucket 1..B if the field is hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from gmeta.data.batch import TaskRecord
+from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, STATES, FieldSpec, Schema, SchemaError
+
+log = logging.getLogger(__name__)
+
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+FILTER_REASONS: tuple[str, ...] = ("too_few_interactions", "too_many_interactions")
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash that is the same in every process and Python version (unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+@dataclass
+class TaskConfig:
+    """How interactions become tasks (see the module docstring).
+
+    Attributes:
+        label_threshold: label = (raw label >= threshold); None keeps raw labels, which must be 0/1.
+        min_interactions / max_interactions: keep a (user, state) task only within this range.
+        query_size: query samples per task; the rest is the support set.
+        query_selection: ``last`` (the latest ``query_size`` by time) or ``random`` (seeded).
+        task_key: column grouping tasks; None uses the schema's task key.
+        item_key: item column (used by the ``quantile`` item rule).
+        new_user_quantile: first-interaction-time quantile after which a user is new; None: no user cold.
+        new_item_rule: ``{column, min_value}`` or ``{quantile}`` (optionally ``column``); None: no item cold.
+        warm_eval: hold out the last ``query_size`` interactions of long warm tasks for evaluation.
+        split_seed: seed of the val/test hash split.
+        val_fraction: share of evaluation task keys that go to val (the rest to test).
+    """
+
+    label_threshold: float | None = 4.0
+    min_interactions: int = 13
+    max_interactions: int = 100
+    query_size: int = 10
+    query_selection: Literal["last", "random"] = "last"
+    task_key: str | None = None
+    item_key: str | None = "item_id"
+    new_user_quantile: float | None = 0.8
+    new_item_rule: dict[str, Any] | None = field(
+        default_factory=lambda: {"column": "release_year", "min_value": 1998}
+    )
+    warm_eval: bool = True
+    split_seed: int = 0
+    val_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.new_item_rule is not None:
+            self.new_item_rule = dict(self.new_item_rule)  # Hydra passes a DictConfig
+            rule = self.new_item_rule
+            if not ({"column", "min_value"} <= set(rule) or "quantile" in rule):
+                raise SchemaError(
+                    f"TaskConfig.new_item_rule must be {{column, min_value}} or {{quantile}}, got {rule}"
+                )
+        if self.query_selection not in ("last", "random"):
+            raise SchemaError(
+                f"TaskConfig.query_selection must be 'last' or 'random', got {self.query_selection!r}"
+            )
+        if self.query_size < 1:
+            raise SchemaError(f"TaskConfig.query_size must be >= 1, got {self.query_size}")
+        if self.min_interactions <= self.query_size:
+            raise SchemaError(
+                f"TaskConfig.min_interactions ({self.min_interactions}) must exceed query_size ({self.query_size}) "
+                "so that every task keeps a non-empty support set"
+            )
+        if self.max_interactions < self.min_interactions:
+            raise SchemaError("TaskConfig.max_interactions must be >= min_interactions")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TaskSplits:
+    """Output of ``build_tasks``.
+
+    Attributes:
+        train / val / test: tasks of each split, in a deterministic order.
+        schema: the input schema with vocabulary sizes set.
+        vocabs: per non-hashed id field, the raw value of ids 1..V-1 (index i holds id i+1).
+        stats: counts per split and state, filtered counts with reason, thresholds (see ``format_stats``).
+        rows: split -> task_id -> (support rows, query rows) as positions in the input table.
+    """
+
+    train: list[TaskRecord]
+    val: list[TaskRecord]
+    test: list[TaskRecord]
+    schema: Schema
+    vocabs: dict[str, list[str]]
+    stats: dict[str, Any]
+    rows: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+    def split(self, name: str) -> list[TaskRecord]:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+
+# -- cold-start states -------------------------------------------------------------------------
+def _where(df: pd.DataFrame, key: str, row: int) -> str:
+    return f"row {row} (task {key}={df[key].iloc[row]!r})"
+
+
+def _new_users(keys: np.ndarray, time: np.ndarray, q: float | None) -> tuple[np.ndarray, float | None]:
+    if q is None:
+        return np.zeros(len(keys), dtype=bool), None
+    first = pd.Series(time).groupby(keys).min()
+    threshold = float(np.quantile(first.to_numpy(dtype=np.float64), q))
+    return (first > threshold).reindex(keys).to_numpy(), threshold
+
+
+def _new_items(
+    df: pd.DataFrame, cfg: TaskConfig, time: np.ndarray, key: str
+) -> tuple[np.ndarray, float | None]:
+    rule = cfg.new_item_rule
+    if rule is None:
+        return np.zeros(len(df), dtype=bool), None
+    if "quantile" in rule:
+        col = rule.get("column", cfg.item_key)
+        if col not in df.columns:
+            raise SchemaError(f"new_item_rule: item column {col!r} is not in the interaction table")
+        first = pd.Series(time).groupby(df[col].astype(str).to_numpy()).min()
+        threshold = float(np.quantile(first.to_numpy(dtype=np.float64), float(rule["quantile"])))
+        return (first > threshold).reindex(df[col].astype(str).to_numpy()).to_numpy(), threshold
+    col = rule["column"]
+    if col not in df.columns:
+        raise SchemaError(f"new_item_rule: column {col!r} is not in the interaction table")
+    values = pd.to_numeric(df[col], errors="coerce")
+    if values.isna().any():
+        r = int(values.isna().to_numpy().nonzero()[0][0])
+        raise SchemaError(
+            f"new_item_rule: column {col!r} is not numeric at {_where(df, key, r)}: {df[col].iloc[r]!r}"
+        )
+    return (values >= float(rule["min_value"])).to_numpy(), float(rule["min_value"])
+
+
+# -- encoding ----------------------------------------------------------------------------------
+def _bucket(f: FieldSpec, values: np.ndarray) -> np.ndarray:
+    return np.array([1 + stable_hash(f"{f.name}\0{v}") % f.hash_buckets for v in values], dtype=np.int64)
+
+
+def _encode_sparse(f: FieldSpec, col: pd.Series, train_rows: np.ndarray) -> tuple[np.ndarray, int, list[str]]:
+    codes, uniques = pd.factorize(col.astype(str))
+    uniques = np.asarray(uniques, dtype=object)
+    if f.hash_buckets > 0:
+        return _bucket(f, uniques)[codes], f.hash_buckets + 1, []
+    vocab = sorted(set(uniques[np.unique(codes[train_rows])]))
+    idx = pd.Index(vocab).get_indexer(uniques)
+    ids = np.where(idx >= 0, idx + 1, OOV_ID).astype(np.int64)
+    return ids[codes], len(vocab) + 1, vocab
+
+
+def _encode_multi_hot(
+    f: FieldSpec, col: pd.Series, train_rows: np.ndarray, width: int, df: pd.DataFrame, key: str
+) -> tuple[np.ndarray, int, list[str]]:
+    codes, uniques = pd.factorize(col.fillna("").astype(str))
+    lists = [[t for t in str(u).split(f.separator) if t] for u in uniques]
+    for u, toks in enumerate(lists):
+        if len(toks) > f.max_len:
+            r = int((codes == u).nonzero()[0][0])
+            raise SchemaError(
+                f"multi_hot field {f.name!r}: {_where(df, key, r)} has {len(toks)} ids, more than max_len={f.max_len}"
+            )
+    if f.hash_buckets > 0:
+        vocab: list[str] = []
+        size = f.hash_buckets + 1
+        lookup = {t: int(_bucket(f, np.array([t]))[0]) for toks in lists for t in toks}
+    else:
+        vocab = sorted({t for u in np.unique(codes[train_rows]) for t in lists[u]})
+        size = len(vocab) + 1
+        known = {t: i + 1 for i, t in enumerate(vocab)}
+        lookup = {t: known.get(t, OOV_ID) for toks in lists for t in toks}
+    table = np.full((len(lists), width), MULTI_HOT_PAD, dtype=np.int64)
+    for u, toks in enumerate(lists):
+        table[u, : len(toks)] = [lookup[t] for t in toks]
+    return table[codes], size, vocab
+
+
+def _encode(
+    df: pd.DataFrame, schema: Schema, key: str, train_rows: np.ndarray
+) -> tuple[dict[str, np.ndarray], Schema, dict[str, list[str]]]:
+    """Encode every row; vocabularies from ``train_rows`` only. Returns arrays over all rows."""
+    n = len(df)
+    for f in schema.id_fields:
+        if f.kind == "sparse" and df[f.name].isna().any():
+            r = int(df[f.name].isna().to_numpy().nonzero()[0][0])
+            raise SchemaError(f"sparse field {f.name!r}: missing id (NaN) at {_where(df, key, r)}")
+    sizes: dict[str, int] = {}
+    vocabs: dict[str, list[str]] = {}
+    sparse_cols = []
+    for f in schema.sparse:
+        ids, sizes[f.name], vocabs[f.name] = _encode_sparse(f, df[f.name], train_rows)
+        sparse_cols.append(ids)
+    width = schema.max_multi_hot_len
+    mh_cols = []
+    for f in schema.multi_hot:
+        ids, sizes[f.name], vocabs[f.name] = _encode_multi_hot(f, df[f.name], train_rows, width, df, key)
+        mh_cols.append(ids)
+    dense_names = [f.name for f in schema.dense]
+    dense = df[dense_names].to_numpy(dtype=np.float32) if dense_names else np.zeros((n, 0), np.float32)
+    if not np.isfinite(dense).all():
+        r, c = (int(x[0]) for x in np.nonzero(~np.isfinite(dense)))
+        raise SchemaError(
+            f"dense field {dense_names[c]!r}: non-finite value {dense[r, c]} at {_where(df, key, r)}"
+        )
+    arrays = {
+        "sparse": np.stack(sparse_cols, axis=1) if sparse_cols else np.zeros((n, 0), np.int64),
+        "multi_hot": np.stack(mh_cols, axis=1) if mh_cols else np.zeros((n, 0, 0), np.int64),
+        "dense": dense,
+    }
+    return arrays, schema.with_vocab_sizes(sizes), vocabs
+
+
+# -- task construction -------------------------------------------------------------------------
+def _labels(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, key: str) -> np.ndarray:
+    raw = pd.to_numeric(df[schema.label], errors="coerce").to_numpy(dtype=np.float64)
+    if np.isnan(raw).any():
+        r = int(np.isnan(raw).nonzero()[0][0])
+        raise SchemaError(f"label {schema.label!r}: NaN or non-numeric value at {_where(df, key, r)}")
+    if cfg.label_threshold is not None:
+        return (raw >= cfg.label_threshold).astype(np.float32)
+    bad = ~np.isin(raw, (0.0, 1.0))
+    if bad.any():
+        r = int(bad.nonzero()[0][0])
+        raise SchemaError(
+            f"label {schema.label!r}: {raw[r]} at {_where(df, key, r)} is not 0/1 and label_threshold is None"
+        )
+    return raw.astype(np.float32)
+
+
+def _split_query(rows: np.ndarray, cfg: TaskConfig, seed: int, task_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(support, query) rows of a time-ordered task; both keep time order."""
+    q = cfg.query_size
+    if cfg.query_selection == "last":
+        return rows[:-q], rows[-q:]
+    rng = np.random.default_rng([seed, stable_hash(task_id) % (1 << 32)])
+    is_query = np.zeros(len(rows), dtype=bool)
+    is_query[rng.choice(len(rows), size=q, replace=False)] = True
+    return rows[~is_query], rows[is_query]
+
+
+def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0) -> TaskSplits:
+    """Group, filter, split and encode interactions into train/val/test tasks (module docstring)."""
+    key = cfg.task_key or schema.task_key
+    needed = list(dict.fromkeys([key, *schema.required_columns()]))
+    missing = [c for c in needed if c not in df.columns]
+    if missing:
+        raise SchemaError(f"interaction table lacks column(s) {missing} required by the schema/task config")
+    if (cfg.new_user_quantile is not None or cfg.query_selection == "last") and schema.time is None:
+        log.warning("schema has no time column: using row order as time")
+    df = df.reset_index(drop=True)
+    n = len(df)
+    if df[key].isna().any():
+        r = int(df[key].isna().to_numpy().nonzero()[0][0])
+        raise SchemaError(f"task key {key!r}: missing value (NaN) at row {r}")
+    keys = df[key].astype(str).to_numpy()
+    time = df[schema.time].to_numpy() if schema.time else np.arange(n)
+    if schema.time and pd.isna(time).any():
+        r = int(pd.isna(time).nonzero()[0][0])
+        raise SchemaError(f"time column {schema.time!r}: missing value at {_where(df, key, r)}")
+    labels = _labels(df, schema, cfg, key)
+    new_user, user_threshold = _new_users(keys, time, cfg.new_user_quantile)
+    new_item, item_threshold = _new_items(df, cfg, time, key)
+    state = new_user.astype(np.int64) + 2 * new_item.astype(np.int64)  # == index into STATES
+    assert STATES == ("warm", "user_cold", "item_cold", "user_item_cold")
+
+    key_codes, key_values = pd.factorize(keys, sort=True)
+    order = np.lexsort((np.arange(n), time, state, key_codes))  # key, state, time, then input order
+    group = key_codes[order] * len(STATES) + state[order]
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    ends = np.r_[starts[1:], n]
+
+    q = cfg.query_size
+    plan: dict[str, list[tuple[str, str, np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
+    filtered = {r: {"tasks": 0, "interactions": 0} for r in FILTER_REASONS}
+    held_out = 0
+    for s, e in zip(starts, ends, strict=True):
+        rows = order[s:e]
+        size = e - s
+        if size < cfg.min_interactions or size > cfg.max_interactions:
+            reason = FILTER_REASONS[0] if size < cfg.min_interactions else FILTER_REASONS[1]
+            filtered[reason]["tasks"] += 1
+            filtered[reason]["interactions"] += int(size)
+            continue
+        value = str(key_values[key_codes[rows[0]]])
+        st = STATES[state[rows[0]]]
+        task_id = f"{value}/{st}"
+        eval_split = "val" if stable_hash(f"{cfg.split_seed}:{value}") / 2**64 < cfg.val_fraction else "test"
+        if st == "warm":
+            if cfg.warm_eval and size - q >= cfg.min_interactions:
+                plan[eval_split].append((task_id, st, rows[:-q], rows[-q:]))
+                rows = rows[:-q]
+                held_out += 1
+            plan["train"].append((task_id, st, *_split_query(rows, cfg, seed, task_id)))
+        else:
+            plan[eval_split].append((task_id, st, *_split_query(rows, cfg, seed, task_id)))
+
+    train_rows = np.unique(
+        np.concatenate([np.r_[a, b] for _, _, a, b in plan["train"]] or [np.zeros(0, np.int64)])
+    )
+    arrays, enc_schema, vocabs = _encode(df, schema, key, train_rows)
+
+    def record(task_id: str, st: str, sup: np.ndarray, qry: np.ndarray) -> TaskRecord:
+        out: dict[str, np.ndarray] = {}
+        for which, idx in (("support", sup), ("query", qry)):
+            for name, arr in arrays.items():
+                out[f"{which}.{name}"] = np.ascontiguousarray(arr[idx])
+            out[f"{which}.label"] = labels[idx]
+        return TaskRecord(task_id=task_id, state=st, arrays=out)
+
+    splits = {s: [record(*t) for t in plan[s]] for s in SPLITS}
+    rows_out = {s: {t[0]: (t[2], t[3]) for t in plan[s]} for s in SPLITS}
+    counts = {
+        s: {st: {"tasks": 0, "interactions": 0, "support": 0, "query": 0} for st in STATES} for s in SPLITS
+    }
+    for s in SPLITS:
+        for _task_id, st, sup, qry in plan[s]:
+            c = counts[s][st]
+            c["tasks"] += 1
+            c["support"] += len(sup)
+            c["query"] += len(qry)
+            c["interactions"] += len(sup) + len(qry)
+    stats = {
+        "interactions": n,
+        "task_keys": len(key_values),
+        "counts": counts,
+        "filtered": filtered,
+        "warm_eval_held_out": held_out,
+        "new_user_first_time_threshold": user_threshold,
+        "new_item_threshold": item_threshold,
+        "positive_rate": float(labels.mean()) if n else 0.0,
+        "vocab_sizes": {f.name: f.vocab_size for f in enc_schema.id_fields},
+    }
+    log.info("tasks built:\n%s", format_stats(stats))
+    return TaskSplits(
+        train=splits["train"],
+        val=splits["val"],
+        test=splits["test"],
+        schema=enc_schema,
+        vocabs=vocabs,
+        stats=stats,
+        rows=rows_out,
+    )
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """A plain-text table of tasks / interactions per split and state plus the filter counts."""
+    lines = [f"{'split':<6} {'state':<15} {'tasks':>7} {'support':>9} {'query':>8} {'interactions':>13}"]
+    for s, by_state in stats["counts"].items():
+        for st, c in by_state.items():
+            if c["tasks"]:
+                lines.append(
+                    f"{s:<6} {st:<15} {c['tasks']:>7} {c['support']:>9} {c['query']:>8} {c['interactions']:>13}"
+                )
+    for reason, c in stats["filtered"].items():
+        lines.append(f"filtered {reason}: {c['tasks']} tasks, {c['interactions']} interactions")
+    lines.append(f"warm tasks with a held-out warm-eval task: {stats['warm_eval_held_out']}")
+    return "\n".join(lines)

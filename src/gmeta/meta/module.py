@@ -1,0 +1,146 @@
+"""LightningModule for meta-DLRM training with manual optimization.
+
+One training step (a meta-step over a batch of T tasks):
+  1. ONE embedding lookup for the support and query ids of all tasks in the batch;
+  2. the inner loop on each task's support set, vectorized over tasks (``gmeta.meta.inner``);
+  3. the query loss at the adapted weights -> ``manual_backward`` (one outer backward);
+  4. one dense optimizer step (Adam) + one sparse row-wise update of the looked-up embedding rows.
+
+Only the dense optimizer is a Lightning optimizer, so ``global_step`` advances once per meta-step;
+the embedding rows are updated by the table's own row-wise optimizer (its state lives in the
+module's state_dict and so in every checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from gmeta.data.batch import TaskBatch
+from gmeta.data.schema import Schema
+from gmeta.meta.inner import MetaConfig, meta_loss, predict
+from gmeta.metrics import ColdStartMetrics
+from gmeta.model.dlrm import DLRM
+from gmeta.model.embedding import EmbeddingCollection
+
+EVAL_MODES: tuple[tuple[str, bool], ...] = (("plain", False), ("adapted", True))
+
+
+class MetaDLRMModule(L.LightningModule):
+    """Meta-DLRM: embedding tables + DLRM towers, trained by the meta algorithm named in ``meta``.
+
+    Args:
+        schema: the dataset schema as a dict (from the shards' manifest; carries vocab sizes).
+        meta: meta-algorithm settings, the fields of ``MetaConfig`` (name, inner_steps, ...).
+        embedding_dim: width of every embedding row (one width so that ``dot`` interaction works).
+        bottom_mlp / top_mlp: hidden sizes of the towers. interaction: ``concat`` or ``dot``.
+        init_std: std of the normal init of embedding rows.
+        dense_optimizer: Adam settings for the towers (lr, weight_decay).
+        embedding_optimizer: row-wise sparse optimizer for the tables (name, lr, ...).
+    """
+
+    def __init__(
+        self,
+        schema: dict[str, Any],
+        meta: dict[str, Any],
+        embedding_dim: int = 16,
+        bottom_mlp: tuple[int, ...] = (32,),
+        top_mlp: tuple[int, ...] = (64, 32),
+        interaction: str = "concat",
+        init_std: float = 0.05,
+        dense_optimizer: dict[str, Any] | None = None,
+        embedding_optimizer: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.schema = Schema.from_dict(schema)
+        self.meta_config = MetaConfig(**meta)
+        self.dense_optimizer_config = {"lr": 1e-3, "weight_decay": 0.0, **(dense_optimizer or {})}
+        row_optimizer = dict(embedding_optimizer or {"name": "adagrad", "lr": 0.05})
+        self.embedding = EmbeddingCollection.from_schema(
+            self.schema,
+            dim=embedding_dim,
+            init_std=init_std,
+            optimizer=row_optimizer.pop("name"),
+            optimizer_kwargs=row_optimizer,
+        )
+        self.dlrm = DLRM(
+            num_fields=len(self.schema.id_fields),
+            num_dense=len(self.schema.dense),
+            dim=embedding_dim,
+            bottom_mlp=list(bottom_mlp),
+            top_mlp=list(top_mlp),
+            interaction=interaction,
+        )
+        self.val_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
+        self.test_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
+        #: per-state test results of the last test run, as records (see ``gmeta.report``)
+        self.test_records: list[dict[str, Any]] = []
+
+    # -- optimization ----------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.dlrm.parameters(), **self.dense_optimizer_config)
+
+    def dense_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.dlrm.named_parameters())
+
+    def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        lookup = self.embedding.lookup(batch)
+        loss, stats = meta_loss(self.dlrm, self.dense_params(), lookup.rows, lookup, batch, self.meta_config)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite meta loss {loss.item()} at step {self.global_step} (tasks {batch.task_ids[:5]}...)"
+            )
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        self.embedding.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
+        real_tasks = int(batch.task_mask.sum())
+        self.log("train/loss", loss, prog_bar=True, batch_size=real_tasks)
+        for name in ("support_loss", "query_loss"):
+            if name in stats and stats[name].numel() == 1 and torch.isfinite(stats[name]):
+                self.log(f"train/{name}", stats[name], batch_size=real_tasks)
+        return loss.detach()
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _evaluate_batch(self, batch: TaskBatch, metrics: nn.ModuleDict) -> None:
+        lookup = self.embedding.lookup(batch)
+        params = self.dense_params()
+        for mode, adapted in EVAL_MODES:
+            logits = predict(self.dlrm, params, lookup.rows, lookup, batch, self.meta_config, adapted=adapted)
+            q = batch.query
+            metrics[mode].update(logits, q.label, q.mask, batch.state, batch.task_mask)
+
+    def _log_metrics(self, split: str, metrics: nn.ModuleDict) -> list[dict[str, Any]]:
+        records = []
+        for mode, adapted in EVAL_MODES:
+            per_state = metrics[mode].compute()  # a collective: every rank calls it
+            metrics[mode].reset()
+            for state, values in per_state.items():
+                records.append(
+                    {"state": state, "method": self.meta_config.name, "adapted": adapted, **values}
+                )
+                for name in ("auc", "logloss", "gauc"):
+                    self.log(f"{split}/{state}/{name}_{mode}", values[name], sync_dist=False)
+            aucs = [v["auc"] for v in per_state.values() if not math.isnan(v["auc"])]
+            if aucs:  # the mean over states: the checkpoint monitor
+                self.log(f"{split}/auc_{mode}", sum(aucs) / len(aucs), prog_bar=adapted, sync_dist=False)
+        return records
+
+    def validation_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def test_step(self, batch: TaskBatch, batch_idx: int) -> None:
+        self._evaluate_batch(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self.test_records = self._log_metrics("test", self.test_metrics)

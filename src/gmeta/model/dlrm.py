@@ -1,0 +1,104 @@
+"""Dense part of a DLRM: bottom MLP for dense features, feature interaction, top MLP -> one logit.
+
+Embeddings come in already gathered (``gmeta.model.embedding``), so this module holds only the
+dense towers. Parameter names start with ``bottom.`` or ``top.``: meta algorithms pick the groups
+they adapt in the inner loop by these prefixes. ``forward_with`` evaluates the model at any
+parameter dict (fast weights) and works under ``torch.func.vmap`` with any leading dims.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+Interaction = Literal["dot", "concat"]
+
+
+def mlp(in_dim: int, sizes: Sequence[int], last_activation: bool) -> nn.Sequential:
+    """Linear layers of the given output sizes with ReLU between them (and after the last if asked)."""
+    layers: list[nn.Module] = []
+    for i, out in enumerate(sizes):
+        layers.append(nn.Linear(in_dim, out))
+        if i < len(sizes) - 1 or last_activation:
+            layers.append(nn.ReLU())
+        in_dim = out
+    return nn.Sequential(*layers)
+
+
+class DLRM(nn.Module):
+    """DLRM towers.
+
+    Args:
+        num_fields: F, number of id fields (embeddings per sample).
+        num_dense: Fd, number of dense features; 0 drops the bottom MLP.
+        dim: d, embedding dim; the bottom MLP maps dense features to one more d-vector.
+        bottom_mlp: hidden sizes of the bottom MLP (its output layer of size d is appended).
+        top_mlp: hidden sizes of the top MLP (its output layer of size 1 is appended).
+        interaction: ``concat``: flatten all vectors (F*d [+ d]); ``dot``: pairwise dot products
+            of the F [+ 1] vectors (strict upper triangle), concatenated with the bottom output as in
+            the DLRM paper.
+    """
+
+    def __init__(
+        self,
+        num_fields: int,
+        num_dense: int,
+        dim: int,
+        bottom_mlp: Sequence[int] = (64,),
+        top_mlp: Sequence[int] = (64, 32),
+        interaction: Interaction = "dot",
+    ) -> None:
+        super().__init__()
+        if interaction not in ("dot", "concat"):
+            raise ValueError(f"interaction must be 'dot' or 'concat', got {interaction!r}")
+        self.num_fields = num_fields
+        self.num_dense = num_dense
+        self.dim = dim
+        self.interaction = interaction
+        # ReLU after the bottom output too, as in the reference DLRM.
+        self.bottom = mlp(num_dense, [*bottom_mlp, dim], last_activation=True) if num_dense > 0 else None
+        n_vec = num_fields + (1 if self.bottom is not None else 0)
+        if interaction == "concat":
+            top_in = n_vec * dim
+        else:
+            top_in = n_vec * (n_vec - 1) // 2 + (dim if self.bottom is not None else 0)
+            iu = torch.triu_indices(n_vec, n_vec, offset=1)
+            self.register_buffer("triu_rows", iu[0], persistent=False)
+            self.register_buffer("triu_cols", iu[1], persistent=False)
+        if top_in == 0:
+            raise ValueError(
+                f"interaction {interaction!r} of {n_vec} vector(s) gives no features for the top MLP"
+            )
+        self.top = mlp(top_in, [*top_mlp, 1], last_activation=False)
+
+    def forward(self, emb: Tensor, dense: Tensor) -> Tensor:
+        """Logits.
+
+        Args:
+            emb: (..., F, d) embeddings.
+            dense: (..., Fd) dense features (ignored when Fd = 0).
+
+        Returns:
+            (...) logits.
+        """
+        vecs = emb
+        bottom_out = None
+        if self.bottom is not None:
+            bottom_out = self.bottom(dense)  # (..., d)
+            vecs = torch.cat([bottom_out.unsqueeze(-2), emb], dim=-2)  # (..., F+1, d)
+        if self.interaction == "concat":
+            feats = vecs.flatten(-2)
+        else:
+            z = vecs @ vecs.transpose(-1, -2)  # (..., n, n)
+            feats = z[..., self.triu_rows, self.triu_cols]  # (..., n(n-1)/2)
+            if bottom_out is not None:
+                feats = torch.cat([bottom_out, feats], dim=-1)
+        return self.top(feats).squeeze(-1)
+
+    def forward_with(self, params: Mapping[str, Tensor], emb: Tensor, dense: Tensor) -> Tensor:
+        """``forward`` at the given parameters (missing names fall back to the module's own)."""
+        return functional_call(self, dict(params), (emb, dense), strict=False)

@@ -1,0 +1,377 @@
+"""Embedding tables for id fields: one concatenated weight, one lookup per meta-batch, row-wise optimizers.
+
+All id fields (``schema.id_fields``: sparse then multi-hot) share one embedding dim ``d`` and live in
+ONE weight of shape ``(sum(vocab_sizes), d)``; field ``f`` owns rows ``offsets[f] .. offsets[f] +
+vocab_sizes[f] - 1`` (its row 0, the learned OOV row, at ``offsets[f]``). One ``torch.unique`` over the
+global ids of a whole meta-batch (support AND query of every task) then serves every field, and a
+row-wise sharded version can split these rows across ranks behind the same interface.
+
+The weight is a buffer, not a parameter: ``module.parameters()`` holds only dense weights (for the
+dense optimizer and its AllReduce) while the table is updated by its own sparse row-wise optimizer,
+whose state is a submodule's buffers and so travels in ``state_dict`` with the weight.
+
+Training flow::
+
+    lookup = emb.lookup(batch)                  # rows: (U, d) leaf tensor, requires_grad
+    loss = f(lookup.rows, ...)                  # e.g. gmeta.meta.inner.meta_loss
+    loss.backward()                             # lookup.rows.grad: (U, d), summed per unique id
+    emb.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gmeta.data.batch import SetBatch, TaskBatch
+from gmeta.data.schema import MULTI_HOT_PAD, Schema
+
+# --------------------------------------------------------------------------------------------------
+# Row-wise (sparse) optimizers
+# --------------------------------------------------------------------------------------------------
+
+
+class RowWiseOptimizer(nn.Module):
+    """Sparse optimizer for the rows of one ``(num_rows, dim)`` table.
+
+    State is kept in buffers indexed by row, so it is checkpointed with the owning module and a
+    row-wise shard simply holds the state of its own rows. ``step`` updates exactly the given rows.
+    """
+
+    def __init__(self, num_rows: int, dim: int, lr: float) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"{type(self).__name__}: lr must be > 0, got {lr}")
+        self.num_rows = num_rows
+        self.dim = dim
+        self.lr = lr
+
+    def step(self, weight: Tensor, ids: Tensor, grads: Tensor) -> None:
+        """Update ``weight[ids]`` in place.
+
+        Args:
+            weight: (num_rows, dim) the table.
+            ids: (U,) int64 unique row ids (duplicates would be updated once, with one of the grads).
+            grads: (U, dim) gradient of each row, already summed over its occurrences.
+        """
+        raise NotImplementedError
+
+
+class RowWiseSGD(RowWiseOptimizer):
+    """Plain SGD on the touched rows: ``w[r] -= lr * g[r]``."""
+
+    @torch.no_grad()
+    def step(self, weight: Tensor, ids: Tensor, grads: Tensor) -> None:
+        weight.index_add_(0, ids, grads, alpha=-self.lr)
+
+
+class RowWiseAdagrad(RowWiseOptimizer):
+    """Row-wise Adagrad (fbgemm's EXACT_ROWWISE_ADAGRAD): one accumulator per row, not per element.
+
+    ``acc[r] += mean(g[r]**2)``; ``w[r] -= lr * g[r] / (sqrt(acc[r]) + eps)``. One scalar per row keeps
+    the optimizer state at ``num_rows`` floats instead of a second copy of the table.
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        lr: float = 0.05,
+        eps: float = 1e-8,
+        initial_accumulator_value: float = 0.0,
+    ) -> None:
+        super().__init__(num_rows, dim, lr)
+        self.eps = eps
+        self.register_buffer("sum_sq", torch.full((num_rows,), float(initial_accumulator_value)))
+
+    @torch.no_grad()
+    def step(self, weight: Tensor, ids: Tensor, grads: Tensor) -> None:
+        acc = self.sum_sq[ids] + grads.pow(2).mean(dim=1).to(self.sum_sq.dtype)
+        self.sum_sq[ids] = acc
+        scale = (self.lr / (acc.sqrt() + self.eps)).to(grads.dtype)
+        weight.index_add_(0, ids, grads * scale[:, None], alpha=-1.0)
+
+
+class RowWiseAdam(RowWiseOptimizer):
+    """Lazy Adam: element-wise moments, updated only for touched rows, bias-corrected per row.
+
+    Each row counts its own steps, so a row touched k times gets exactly the update dense Adam would
+    give it after k steps (rows not touched keep their moments frozen, like ``torch.optim.SparseAdam``
+    but with per-row bias correction).
+    """
+
+    def __init__(
+        self,
+        num_rows: int,
+        dim: int,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(num_rows, dim, lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = eps
+        self.register_buffer("exp_avg", torch.zeros(num_rows, dim))
+        self.register_buffer("exp_avg_sq", torch.zeros(num_rows, dim))
+        self.register_buffer("steps", torch.zeros(num_rows, dtype=torch.long))
+
+    @torch.no_grad()
+    def step(self, weight: Tensor, ids: Tensor, grads: Tensor) -> None:
+        b1, b2 = self.betas
+        g = grads.to(self.exp_avg.dtype)
+        m = self.exp_avg[ids].mul_(b1).add_(g, alpha=1 - b1)
+        v = self.exp_avg_sq[ids].mul_(b2).addcmul_(g, g, value=1 - b2)
+        t = self.steps[ids] + 1
+        self.exp_avg[ids], self.exp_avg_sq[ids], self.steps[ids] = m, v, t
+        tf = t.to(m.dtype)[:, None]
+        m_hat = m / (1 - b1**tf)
+        denom = (v / (1 - b2**tf)).sqrt().add_(self.eps)
+        weight.index_add_(0, ids, (m_hat / denom).to(weight.dtype), alpha=-self.lr)
+
+
+ROW_OPTIMIZERS: dict[str, type[RowWiseOptimizer]] = {
+    "sgd": RowWiseSGD,
+    "adagrad": RowWiseAdagrad,
+    "adam": RowWiseAdam,
+}
+
+
+def make_row_optimizer(name: str, num_rows: int, dim: int, **kwargs: Any) -> RowWiseOptimizer:
+    """Build a row-wise optimizer by name (``sgd``, ``adagrad``, ``adam``)."""
+    try:
+        cls = ROW_OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown row-wise optimizer {name!r}; expected one of {sorted(ROW_OPTIMIZERS)}"
+        ) from None
+    return cls(num_rows, dim, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Lookup result and the functional gather
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalIndex:
+    """Indices of one set's ids into ``EmbeddingLookup.rows`` (``U`` = the all-zero pad row).
+
+    Attributes:
+        sparse: (T, N, Fs) int64 in [0, U).
+        multi_hot: (T, N, Fm, L) int64 in [0, U]; U where the batch had padding (-1).
+        multi_hot_mask: (T, N, Fm, L) bool, True for real ids.
+    """
+
+    sparse: Tensor
+    multi_hot: Tensor
+    multi_hot_mask: Tensor
+
+
+@dataclass
+class EmbeddingLookup:
+    """One lookup for a whole meta-batch (support and query of all tasks).
+
+    Attributes:
+        unique_ids: (U,) int64 global row ids (field offsets added), sorted.
+        rows: (U, d) leaf tensor with ``requires_grad``: ``rows[i]`` is ``weight[unique_ids[i]]``.
+            After the outer backward ``rows.grad`` holds each row's gradient summed over all its uses.
+        support: local indices of the support set.
+        query: local indices of the query set.
+    """
+
+    unique_ids: Tensor
+    rows: Tensor
+    support: LocalIndex
+    query: LocalIndex
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.unique_ids.shape[0])
+
+
+def gather_embeddings(
+    rows: Tensor, sparse_idx: Tensor, multi_hot_idx: Tensor, multi_hot_mask: Tensor
+) -> Tensor:
+    """Embeddings of all id fields from looked-up rows; pure indexing, so it works inside ``vmap``
+    and is twice differentiable w.r.t. ``rows`` (no ``embedding_bag``).
+
+    Args:
+        rows: (U, d) looked-up rows (or a per-task fast copy of them).
+        sparse_idx: (..., Fs) int64 indices into rows.
+        multi_hot_idx: (..., Fm, L) int64 indices into rows, U for padding.
+        multi_hot_mask: (..., Fm, L) bool, True for real ids.
+
+    Returns:
+        (..., Fs + Fm, d): sparse embeddings, then multi-hot fields mean-pooled over their real ids
+        (an all-padding list pools to zeros).
+    """
+    # The appended zero row is what padding indices (U) point at, so a plain sum over L is the
+    # masked sum; the mask is only needed for the count.
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[-1])])
+    sparse = padded[sparse_idx]
+    summed = padded[multi_hot_idx].sum(dim=-2)
+    count = multi_hot_mask.sum(dim=-1, keepdim=True).clamp(min=1).to(rows.dtype)
+    return torch.cat([sparse, summed / count], dim=-2)
+
+
+# --------------------------------------------------------------------------------------------------
+# The collection
+# --------------------------------------------------------------------------------------------------
+
+
+class EmbeddingCollection(nn.Module):
+    """One embedding table per id field (sparse then multi-hot), stored as one concatenated weight.
+
+    Args:
+        vocab_sizes: rows per field, OOV row 0 included, in ``schema.id_fields`` order.
+        num_sparse: how many of the leading fields are sparse (the rest are multi-hot).
+        dim: embedding dim ``d`` shared by all fields.
+        init_std: rows (OOV rows too: they are learned "unknown" rows) start as N(0, init_std^2).
+        optimizer: row-wise optimizer name (see ``ROW_OPTIMIZERS``).
+        optimizer_kwargs: its hyper-parameters (e.g. ``lr``, ``eps``).
+        field_names: for error messages (defaults to ``field0``, ``field1``, ...).
+        check_ids: validate ids against the vocab sizes in ``lookup`` (one reduction per set; an
+            out-of-range id would otherwise silently read another field's rows).
+    """
+
+    def __init__(
+        self,
+        vocab_sizes: Sequence[int],
+        num_sparse: int,
+        dim: int,
+        init_std: float = 0.01,
+        optimizer: str = "adagrad",
+        optimizer_kwargs: Mapping[str, Any] | None = None,
+        field_names: Sequence[str] | None = None,
+        check_ids: bool = True,
+    ) -> None:
+        super().__init__()
+        self.vocab_sizes = tuple(int(v) for v in vocab_sizes)
+        self.field_names = (
+            tuple(field_names)
+            if field_names is not None
+            else tuple(f"field{i}" for i in range(len(self.vocab_sizes)))
+        )
+        if len(self.field_names) != len(self.vocab_sizes):
+            raise ValueError(f"{len(self.field_names)} field names for {len(self.vocab_sizes)} vocab sizes")
+        bad = [n for n, v in zip(self.field_names, self.vocab_sizes, strict=True) if v < 1]
+        if bad:
+            raise ValueError(
+                f"id field(s) {bad} have vocab_size < 1: encode the data (schema.with_vocab_sizes)"
+            )
+        if not 0 <= num_sparse <= len(self.vocab_sizes):
+            raise ValueError(f"num_sparse={num_sparse} out of range for {len(self.vocab_sizes)} id fields")
+        self.num_sparse = num_sparse
+        self.dim = dim
+        self.init_std = init_std
+        self.check_ids = check_ids
+        self.num_total_rows = sum(self.vocab_sizes)
+
+        sizes = torch.tensor(self.vocab_sizes, dtype=torch.long)
+        # Derived from the config, so not checkpointed.
+        self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        self.register_buffer("sizes", sizes, persistent=False)
+        self.register_buffer("weight", torch.empty(self.num_total_rows, dim))
+        self.optimizer = make_row_optimizer(
+            optimizer, self.num_total_rows, dim, **dict(optimizer_kwargs or {})
+        )
+        self.reset_parameters()
+
+    @classmethod
+    def from_schema(cls, schema: Schema, dim: int, **kwargs: Any) -> EmbeddingCollection:
+        """Tables for ``schema.id_fields`` (vocab sizes must be set)."""
+        fields = schema.id_fields
+        return cls(
+            vocab_sizes=[f.vocab_size for f in fields],
+            num_sparse=len(schema.sparse),
+            dim=dim,
+            field_names=[f.name for f in fields],
+            **kwargs,
+        )
+
+    @property
+    def num_fields(self) -> int:
+        return len(self.vocab_sizes)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        self.weight.normal_(0.0, self.init_std)
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def _check(self, s: SetBatch, which: str) -> None:
+        sp_sizes = self.sizes[: self.num_sparse]
+        mh_sizes = self.sizes[self.num_sparse :]
+        sp_bad = (s.sparse < 0) | (s.sparse >= sp_sizes)
+        mh_bad = (s.multi_hot < MULTI_HOT_PAD) | (s.multi_hot >= mh_sizes[:, None])
+        for bad, base, ids in ((sp_bad, 0, s.sparse), (mh_bad, self.num_sparse, s.multi_hot)):
+            if bad.any():
+                where = bad.nonzero()[0].tolist()
+                f = base + where[2]
+                raise ValueError(
+                    f"{which} set, task {where[0]}, sample {where[1]}, field {self.field_names[f]!r}: id "
+                    f"{int(ids[tuple(where)])} outside [0, {self.vocab_sizes[f]})"
+                )
+
+    def lookup(self, batch: TaskBatch) -> EmbeddingLookup:
+        """Gather the rows of every id in the batch (support and query, all fields) at once.
+
+        Returns an ``EmbeddingLookup`` whose ``rows`` is a fresh leaf (U, d) tensor with
+        ``requires_grad=True``: differentiate the loss w.r.t. it, then ``apply_row_gradients``.
+        """
+        sup, qry = batch.support, batch.query
+        if self.check_ids:
+            self._check(sup, "support")
+            self._check(qry, "query")
+        fs = self.num_sparse
+        sentinel = self.num_total_rows  # larger than any real id, so it sorts last in unique()
+
+        def globalize(s: SetBatch) -> tuple[Tensor, Tensor, Tensor]:
+            sparse = s.sparse + self.offsets[:fs]
+            valid = s.multi_hot != MULTI_HOT_PAD
+            mh = torch.where(valid, s.multi_hot + self.offsets[fs:, None], sentinel)
+            return sparse, mh, valid
+
+        parts = [globalize(sup), globalize(qry)]
+        flat = torch.cat([t.reshape(-1) for p in parts for t in p[:2]])
+        unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        # If padding occurred, the sentinel is the last unique id and its inverse index is already
+        # len(real ids) = U, i.e. exactly the pad row gather_embeddings appends.
+        if unique.numel() and int(unique[-1]) == sentinel:
+            unique = unique[:-1]
+
+        locals_: list[LocalIndex] = []
+        start = 0
+        for sparse, mh, valid in parts:
+            n_sp, n_mh = sparse.numel(), mh.numel()
+            sp_idx = inverse[start : start + n_sp].view_as(sparse)
+            mh_idx = inverse[start + n_sp : start + n_sp + n_mh].view_as(mh)
+            start += n_sp + n_mh
+            locals_.append(LocalIndex(sparse=sp_idx, multi_hot=mh_idx, multi_hot_mask=valid))
+
+        rows = self.weight.index_select(0, unique).detach().requires_grad_(True)
+        return EmbeddingLookup(unique_ids=unique, rows=rows, support=locals_[0], query=locals_[1])
+
+    # -- update ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_row_gradients(self, unique_ids: Tensor, row_grads: Tensor | None) -> None:
+        """Sparse optimizer step on exactly the rows ``unique_ids`` (U,) with grads (U, d).
+
+        ``row_grads`` of ``None`` (rows unused by the loss) is a no-op.
+        """
+        if row_grads is None or unique_ids.numel() == 0:
+            return
+        if row_grads.shape != (unique_ids.shape[0], self.dim):
+            raise ValueError(
+                f"row_grads shape {tuple(row_grads.shape)} != ({unique_ids.shape[0]}, {self.dim})"
+            )
+        self.optimizer.step(self.weight, unique_ids, row_grads.to(self.weight.dtype))
+
+    def extra_repr(self) -> str:
+        return (
+            f"fields={self.num_fields} (sparse={self.num_sparse}), rows={self.num_total_rows}, dim={self.dim}, "
+            f"optimizer={type(self.optimizer).__name__}"
+        )
