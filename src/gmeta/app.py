@@ -37,7 +37,9 @@ def save_run_info(cfg: DictConfig, output_dir: Path) -> None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         info = f"{commit}{' (with uncommitted changes)' if dirty else ''}\n"
     except (OSError, subprocess.CalledProcessError):
@@ -76,7 +78,9 @@ def train(cfg: DictConfig) -> list[dict[str, Any]]:
     save_run_info(cfg, output_dir)
     datamodule = build_datamodule(cfg)
     model: MetaDLRMModule = instantiate(
-        cfg.model, schema=datamodule.schema.to_dict(), meta=OmegaConf.to_container(cfg.meta, resolve=True),
+        cfg.model,
+        schema=datamodule.schema.to_dict(),
+        meta=OmegaConf.to_container(cfg.meta, resolve=True),
         _convert_="all",
     )
     trainer = build_trainer(cfg)

@@ -51,7 +51,11 @@ class ColdStartMetrics(Metric):
         self.add_state("task_state", default=[], dist_reduce_fx="cat")
 
     def update(
-        self, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, state: torch.Tensor,
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        mask: torch.Tensor,
+        state: torch.Tensor,
         task_mask: torch.Tensor,
     ) -> None:
         """Add one batch: logits/labels/mask (T, Q), state (T,), task_mask (T,) (dummy tasks dropped)."""
@@ -77,12 +81,13 @@ class ColdStartMetrics(Metric):
             tasks_in_state = task_state == code
             if not bool(tasks_in_state.any()):
                 continue
+            # float64 sigmoid keeps large logits apart (float32 saturates to 1.0 and would tie them)
             s, y = scores[in_state], labels[in_state]
             valid_auc = task_auc[tasks_in_state]
             valid_auc = valid_auc[~torch.isnan(valid_auc)]
             has_both = bool((y > 0.5).any() and (y <= 0.5).any())
             out[name] = {
-                "auc": float(binary_auroc(torch.sigmoid(s), y.long())) if has_both else math.nan,
+                "auc": float(binary_auroc(torch.sigmoid(s.double()), y.long())) if has_both else math.nan,
                 "logloss": float(F.binary_cross_entropy_with_logits(s, y)) if len(y) else math.nan,
                 "gauc": float(valid_auc.mean()) if len(valid_auc) else math.nan,
                 "tasks": int(tasks_in_state.sum()),

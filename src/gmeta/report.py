@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -33,8 +34,14 @@ def metrics_table(records: Sequence[dict[str, Any]], title: str = "cold-start me
         table.add_column(col, justify="left" if col in ("state", "method") else "right")
     for r in sort_records(records):
         table.add_row(
-            r["state"], r["method"], "yes" if r["adapted"] else "no", _fmt(r["auc"]), _fmt(r["logloss"]),
-            _fmt(r["gauc"]), str(r["tasks"]), str(r["samples"]),
+            r["state"],
+            r["method"],
+            "yes" if r["adapted"] else "no",
+            _fmt(r["auc"]),
+            _fmt(r["logloss"]),
+            _fmt(r["gauc"]),
+            str(r["tasks"]),
+            str(r["samples"]),
         )
     return table
 
@@ -45,8 +52,10 @@ def print_metrics(records: Sequence[dict[str, Any]], title: str = "cold-start me
 
 def write_metrics(records: Sequence[dict[str, Any]], output_dir: str | Path) -> Path:
     """Write the records as JSON (NaN -> null) into ``output_dir/cold_start_metrics.json``."""
-    clean = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-             for r in sort_records(records)]
+    clean = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+        for r in sort_records(records)
+    ]
     path = Path(output_dir) / METRICS_FILENAME
     path.write_text(json.dumps(clean, indent=2) + "\n")
     return path

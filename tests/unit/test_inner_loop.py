@@ -237,3 +237,28 @@ def test_meta_config_factory_and_stats():
     torch.testing.assert_close(
         stats["query_loss"], masked_bce(stats["query_logits"], q.label.double(), q.mask).mean()
     )
+
+
+def test_support_loss_weight_adds_the_shared_support_loss():
+    """loss(w) = loss(0) + w * (task-mean support BCE at the shared weights), gradients included."""
+    emb, model = make_models(2)
+    w = 0.7
+    base = run(meta_loss, emb, model, BATCH, make_meta_config("maml", inner_lr=LR))
+    got = run(meta_loss, emb, model, BATCH, make_meta_config("maml", inner_lr=LR, support_loss_weight=w))
+
+    def support_only(model, params, rows, lk, batch, cfg):
+        e = gather_embeddings(rows, lk.support.sparse, lk.support.multi_hot, lk.support.multi_hot_mask)
+        per_task = [
+            F.binary_cross_entropy_with_logits(
+                model.forward_with(params, e[t], batch.support.dense[t].double())[batch.support.mask[t]],
+                batch.support.label[t].double()[batch.support.mask[t]],
+            )
+            for t in range(batch.num_tasks)
+        ]
+        return torch.stack(per_task).mean()
+
+    extra = run(support_only, emb, model, BATCH, make_meta_config("maml"))
+    torch.testing.assert_close(got[0], base[0] + w * extra[0])
+    for k in got[1]:
+        torch.testing.assert_close(got[1][k], base[1][k] + w * extra[1][k])
+    torch.testing.assert_close(got[2], base[2] + w * extra[2])

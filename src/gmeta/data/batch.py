@@ -14,8 +14,8 @@ multi-hot / dense fields, L = longest multi-hot list):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -96,7 +96,7 @@ def _pad_set(records: Sequence[TaskRecord], which: str, min_len: int = 1) -> Set
     dense = np.zeros((t, n, fd), dtype=np.float32)
     label = np.zeros((t, n), dtype=np.float32)
     mask = np.zeros((t, n), dtype=bool)
-    for i, (r, k) in enumerate(zip(records, sizes)):
+    for i, (r, k) in enumerate(zip(records, sizes, strict=True)):
         a = r.arrays
         sparse[i, :k] = a[f"{which}.sparse"]
         multi_hot[i, :k] = a[f"{which}.multi_hot"]

@@ -41,6 +41,9 @@ class MetaDLRMModule(L.LightningModule):
         init_std: std of the normal init of embedding rows.
         dense_optimizer: Adam settings for the towers (lr, weight_decay).
         embedding_optimizer: row-wise sparse optimizer for the tables (name, lr, ...).
+        task_key_oov_rate: in training, the share of tasks whose task-key id (the user id) is replaced
+            by the OOV row 0. Cold tasks always arrive with OOV task keys; without this the OOV row
+            is never trained and the model learns to lean on ids that new users do not have.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class MetaDLRMModule(L.LightningModule):
         init_std: float = 0.05,
         dense_optimizer: dict[str, Any] | None = None,
         embedding_optimizer: dict[str, Any] | None = None,
+        task_key_oov_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -77,6 +81,13 @@ class MetaDLRMModule(L.LightningModule):
             top_mlp=list(top_mlp),
             interaction=interaction,
         )
+        if not 0.0 <= task_key_oov_rate <= 1.0:
+            raise ValueError(f"task_key_oov_rate must be in [0, 1], got {task_key_oov_rate}")
+        self.task_key_oov_rate = task_key_oov_rate
+        sparse_names = [f.name for f in self.schema.sparse]
+        self.task_key_column = (
+            sparse_names.index(self.schema.task_key) if self.schema.task_key in sparse_names else None
+        )
         self.val_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
         self.test_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
         #: per-state test results of the last test run, as records (see ``gmeta.report``)
@@ -89,8 +100,17 @@ class MetaDLRMModule(L.LightningModule):
     def dense_params(self) -> dict[str, torch.Tensor]:
         return dict(self.dlrm.named_parameters())
 
+    def _drop_task_keys(self, batch: TaskBatch) -> None:
+        """Map the task-key id of a random share of tasks to the OOV row (in place, training only)."""
+        if self.task_key_oov_rate == 0.0 or self.task_key_column is None:
+            return
+        drop = torch.rand(batch.num_tasks, device=batch.task_mask.device) < self.task_key_oov_rate
+        for s in (batch.support, batch.query):
+            s.sparse[:, :, self.task_key_column].masked_fill_(drop[:, None], 0)
+
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
+        self._drop_task_keys(batch)
         lookup = self.embedding.lookup(batch)
         loss, stats = meta_loss(self.dlrm, self.dense_params(), lookup.rows, lookup, batch, self.meta_config)
         if not torch.isfinite(loss):
