@@ -118,7 +118,16 @@ def test_meta_options(name: str, tmp_path) -> None:
     cfg = train_cfg(f"meta={name}")
     meta = OmegaConf.to_container(cfg.meta, resolve=True)
     assert meta["name"] == name
-    assert set(meta) == {"name", "inner_steps", "inner_lr", "adapt_groups", "adapt_embeddings", "first_order"}
+    assert set(meta) == {
+        "name",
+        "inner_steps",
+        "inner_lr",
+        "adapt_groups",
+        "adapt_embeddings",
+        "first_order",
+        "support_loss_weight",
+    }
+    assert meta["support_loss_weight"] == 0.0  # pure MAML unless an experiment asks for more
     assert meta["first_order"] is (name == "fomaml")
     assert meta["adapt_groups"] == (["top"] if name == "anil" else ["bottom", "top"])
     assert (meta["inner_steps"], meta["inner_lr"], meta["adapt_embeddings"]) == (1, 0.1, False)
