@@ -19,7 +19,6 @@ yielding fewer tasks than the manifest lists, or an array that does not match th
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ import numpy as np
 import webdataset as wds
 
 from gmeta.data.batch import SET_ARRAYS, TaskRecord
+from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import MULTI_HOT_PAD, STATES, Schema, SchemaError
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, TaskSplits, build_tasks
@@ -77,14 +77,6 @@ def encode_task(record: TaskRecord, index: int) -> dict[str, Any]:
         {"task_id": record.task_id, "state": record.state}, sort_keys=True
     ).encode()
     return sample
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_tar(path: Path, records: Sequence[TaskRecord], first_index: int = 0) -> None:

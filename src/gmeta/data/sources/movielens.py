@@ -8,7 +8,6 @@ files, checking their sha256.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ from typing import Any
 
 import pandas as pd
 
+from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import FieldSpec, Schema, SchemaError
 
 log = logging.getLogger(__name__)
@@ -34,15 +34,6 @@ ML1M_SHA256: dict[str, str] = {
 #: ``year_norm = (release_year - YEAR_MIN) / YEAR_SPAN`` maps ML-1M's 1919..2000 onto [0, 1].
 YEAR_MIN, YEAR_SPAN = 1919.0, 81.0
 GENRE_MAX_LEN = 6
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _verified(target: Path) -> bool:
