@@ -293,7 +293,7 @@ def test_config_tree_is_what_the_tests_cover() -> None:
     for group, name in options:
         by_group.setdefault(group, set()).add(name)
     assert by_group["meta"] == set(META_OPTIONS)
-    assert by_group["data"] == set(DATA_OPTIONS)
+    assert by_group["data"] == {*DATA_OPTIONS, "tabular"}  # tabular: tests/integration/test_tabular.py
     assert by_group["experiment"] == set(EXPERIMENTS)
     assert by_group["cluster"] == {"cpu", "gpu"}
     assert by_group["debug"] == {"default", "fdr"}

@@ -1,0 +1,504 @@
+"""Training-step throughput of the meta-learning objectives (issue 4 baseline, no fast path).
+
+Builds ONE model (``EmbeddingCollection`` + ``DLRM``) and ONE list of task-grouped meta-batches
+(``TaskBatch``) per config, then times, in the same process and on the same batches, the variants
+
+* ``plain``     ``meta_loss`` with meta name ``none`` (plain DLRM training on all support+query samples);
+* ``maml``      ``meta_loss`` with second-order MAML (vmapped inner loop);
+* ``fomaml``    ``meta_loss`` with first-order MAML;
+* ``maml_loop`` ``meta_loss_reference`` with the MAML config: one Python iteration per task with
+  ``torch.autograd.grad(create_graph=True)`` (the obvious implementation).
+
+Variants run round-robin (one step of each per round) so machine drift hits them all equally.
+A *step* is what ``MetaDLRMModule.training_step`` does, without Lightning: embedding lookup, loss,
+backward, Adam step on the dense params, row-wise optimizer step on the looked-up rows.
+
+Configs:
+
+* ``criteo``: 26 sparse fields x ``--rows`` rows (default 100k on CPU, 1M on CUDA), dim 64, 13 dense
+  fields, bottom MLP 256-64, top MLP 512-256-1 (``dot`` interaction, as the DLRM reference), Zipf-like
+  random ids and random labels built directly as ``TaskBatch`` tensors; ``--tasks`` x (``--support`` +
+  ``--query``) samples per meta-batch; MAML with ``conf/meta/maml.yaml``'s 1 inner step, lr 0.1.
+* ``movielens``: the default MovieLens model (``conf/model/meta_dlrm.yaml`` +
+  ``conf/experiment/movielens_maml.yaml``: dim 16, bottom [32], top [64, 32], concat, 3 inner steps,
+  inner lr 0.3, support loss weight 1) on real training batches (32 tasks) streamed from
+  ``data/movielens1m/shards``; skipped with a message when that folder is missing.
+
+Reported per variant: ``samples_per_s`` (real support+query samples per step / median step time),
+median ``step_ms`` over ``--steps`` timed steps after ``--warmup`` untimed ones, and ``peak_mem_mb``:
+on CUDA ``torch.cuda.max_memory_allocated`` during one extra step minus the memory allocated before it;
+on CPU the growth of the process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) during one
+extra step above the RSS before it, with glibc's mmap threshold pinned so freed tensors go back to the
+OS (so: extra memory a step needs on top of model + batches). Finally the samples/s ratios
+maml/plain, fomaml/plain and maml/maml_loop.
+
+Run (defaults finish in under 10 minutes on 2 CPU cores)::
+
+    .venv/bin/python scripts/bench_train.py                      # criteo + movielens, CPU
+    .venv/bin/python scripts/bench_train.py --config criteo --device cuda --json-out bench.jsonl
+
+Output: a table, then one JSON line per (config, variant) and one ``ratios`` JSON line per config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gmeta.data.batch import SetBatch, TaskBatch
+from gmeta.meta.inner import (
+    MetaConfig,
+    _shared_logits,
+    make_meta_config,
+    masked_bce,
+    masked_task_mean,
+    meta_loss,
+    meta_loss_reference,
+)
+from gmeta.model.dlrm import DLRM
+from gmeta.model.embedding import EmbeddingCollection
+
+ROOT = Path(__file__).resolve().parents[1]
+MOVIELENS_SHARDS = ROOT / "data" / "movielens1m" / "shards"
+VARIANTS: tuple[str, ...] = ("plain", "maml", "fomaml", "maml_loop")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------
+
+
+def pin_malloc() -> None:
+    """Make glibc serve big allocations with mmap (returned to the OS on free) at a fixed threshold,
+    so RSS follows live tensors instead of keeping freed heap around. No-op where unavailable."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (also disables the dynamic threshold)
+    except (OSError, AttributeError):
+        pass
+
+
+def _status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_mb(fn: Callable[[], None], device: torch.device) -> float | None:
+    """Extra memory (MiB) one call of ``fn`` needs above what was live before it (None if unknown)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    if not _reset_hwm():
+        return None
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(0, peak - before) / 1024
+
+
+# --------------------------------------------------------------------------------------------------
+# Model, batches, step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """One config: the model, its optimizers, the batches and the meta configs of the variants."""
+
+    name: str
+    emb: EmbeddingCollection
+    dlrm: DLRM
+    opt: torch.optim.Optimizer
+    batches: list[TaskBatch]
+    metas: dict[str, MetaConfig]
+    device: torch.device
+    info: dict[str, Any]
+
+
+def build_model(
+    vocab_sizes: list[int],
+    num_sparse: int,
+    num_dense: int,
+    dim: int,
+    bottom: list[int],
+    top: list[int],
+    interaction: str,
+    row_opt: dict[str, Any],
+    init_std: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[EmbeddingCollection, DLRM, torch.optim.Optimizer]:
+    row_opt = dict(row_opt)
+    emb = EmbeddingCollection(
+        vocab_sizes,
+        num_sparse=num_sparse,
+        dim=dim,
+        init_std=init_std,
+        optimizer=row_opt.pop("name"),
+        optimizer_kwargs=row_opt,
+        check_ids=True,
+    ).to(device=device, dtype=dtype)
+    dlrm = DLRM(len(vocab_sizes), num_dense, dim, bottom, top, interaction).to(device=device, dtype=dtype)
+    opt = torch.optim.Adam(dlrm.parameters(), lr=1e-3)
+    return emb, dlrm, opt
+
+
+def real_samples(batch: TaskBatch) -> int:
+    tm = batch.task_mask[:, None]
+    return int((batch.support.mask & tm).sum()) + int((batch.query.mask & tm).sum())
+
+
+def train_step(s: Setup, batch: TaskBatch, variant: str) -> float:
+    """One training step (as ``MetaDLRMModule.training_step``); returns the loss."""
+    lookup = s.emb.lookup(batch)
+    params = dict(s.dlrm.named_parameters())
+    cfg = s.metas[variant]
+    if variant == "maml_loop":
+        loss = meta_loss_reference(s.dlrm, params, lookup.rows, lookup, batch, cfg)
+        if cfg.support_loss_weight > 0:
+            # meta_loss_reference has no auxiliary support term: add meta_loss's (vectorized, cheap).
+            sup = batch.support
+            logits = _shared_logits(s.dlrm, params, lookup.rows, lookup.support, sup)
+            bce = masked_bce(logits, sup.label.to(lookup.rows.dtype), sup.mask)
+            loss = loss + cfg.support_loss_weight * masked_task_mean(bce, batch.task_mask)
+    else:
+        loss, _ = meta_loss(s.dlrm, params, lookup.rows, lookup, batch, cfg)
+    s.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    s.opt.step()
+    s.emb.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
+    return float(loss.detach())
+
+
+def _zipf_ids(gen: torch.Generator, shape: tuple[int, ...], rows: int, alpha: float) -> torch.Tensor:
+    """Zipf-like ids in [0, rows): inverse-CDF sampling of p(k) ~ (k+1)^-alpha, then a fixed shuffle
+    of the ranks so hot ids are spread over the table."""
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    if alpha <= 0:
+        return torch.randint(0, rows, shape, generator=gen)
+    if alpha == 1.0:
+        ranks = torch.floor(torch.exp(u * torch.log(torch.tensor(rows + 1.0)))) - 1
+    else:
+        a = 1.0 - alpha
+        ranks = torch.floor((((rows + 1.0) ** a - 1.0) * u + 1.0) ** (1.0 / a)) - 1
+    ranks = ranks.long().clamp_(0, rows - 1)
+    return (ranks * 2654435761 + 12345) % rows  # a cheap bijection-ish scatter of ranks
+
+
+def criteo_batches(
+    num_batches: int, tasks: int, support: int, query: int, rows: int, alpha: float, seed: int
+) -> list[TaskBatch]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def one_set(n: int) -> SetBatch:
+        return SetBatch(
+            sparse=_zipf_ids(gen, (tasks, n, 26), rows, alpha),
+            multi_hot=torch.full((tasks, n, 0, 0), -1, dtype=torch.long),
+            dense=torch.randn(tasks, n, 13, generator=gen),
+            label=(torch.rand(tasks, n, generator=gen) < 0.25).float(),
+            mask=torch.ones(tasks, n, dtype=torch.bool),
+        )
+
+    return [
+        TaskBatch(
+            support=one_set(support),
+            query=one_set(query),
+            state=torch.zeros(tasks, dtype=torch.long),
+            task_mask=torch.ones(tasks, dtype=torch.bool),
+            task_ids=[f"t{b}_{i}" for i in range(tasks)],
+        )
+        for b in range(num_batches)
+    ]
+
+
+def setup_criteo(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Setup:
+    rows = args.rows or (1_000_000 if device.type == "cuda" else 100_000)
+    inner_steps = args.inner_steps if args.inner_steps is not None else 1
+    inner_lr = args.inner_lr if args.inner_lr is not None else 0.1
+    torch.manual_seed(args.seed)
+    emb, dlrm, opt = build_model(
+        [rows] * 26,
+        26,
+        13,
+        64,
+        [256],
+        [512, 256],
+        "dot",
+        {"name": "adagrad", "lr": 0.05},
+        0.01,
+        dtype,
+        device,
+    )
+    batches = criteo_batches(
+        args.num_batches, args.tasks, args.support, args.query, rows, args.zipf, args.seed
+    )
+    batches = [b.to(device) for b in batches]
+    kw = {"inner_steps": inner_steps, "inner_lr": inner_lr}
+    metas = {
+        "plain": make_meta_config("none", **kw),
+        "maml": make_meta_config("maml", **kw),
+        "fomaml": make_meta_config("fomaml", **kw),
+        "maml_loop": make_meta_config("maml", **kw),
+    }
+    info = {
+        "rows_per_table": rows,
+        "tables": 26,
+        "dim": 64,
+        "tasks": args.tasks,
+        "support": args.support,
+        "query": args.query,
+        "inner_steps": inner_steps,
+        "inner_lr": inner_lr,
+        "zipf": args.zipf,
+    }
+    return Setup("criteo", emb, dlrm, opt, batches, metas, device, info)
+
+
+def setup_movielens(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Setup | None:
+    data_dir = Path(args.movielens_dir)
+    if not (data_dir / "manifest.json").is_file():
+        print(f"[movielens] skipped: no shards in {data_dir} (build them with `make data`)", flush=True)
+        return None
+    from gmeta.data.datamodule import TaskDataModule
+
+    dm = TaskDataModule(data_dir=data_dir, batch_tasks=args.movielens_tasks, verify_checksums=False)
+    dm.setup()
+    schema = dm.schema
+    assert schema is not None
+    batches: list[TaskBatch] = []
+    for b in dm.dataset("train"):
+        if bool(b.task_mask.all()) and b.num_tasks == args.movielens_tasks:
+            batches.append(b.to(device))
+        if len(batches) == args.num_batches:
+            break
+    inner_steps = args.inner_steps if args.inner_steps is not None else 3
+    inner_lr = args.inner_lr if args.inner_lr is not None else 0.3
+    torch.manual_seed(args.seed)
+    emb, dlrm, opt = build_model(
+        [f.vocab_size for f in schema.id_fields],
+        len(schema.sparse),
+        len(schema.dense),
+        16,
+        [32],
+        [64, 32],
+        "concat",
+        {"name": "adagrad", "lr": 0.01},
+        0.05,
+        dtype,
+        device,
+    )
+    kw = {"inner_steps": inner_steps, "inner_lr": inner_lr, "support_loss_weight": 1.0}
+    metas = {
+        "plain": make_meta_config("none", inner_steps=inner_steps, inner_lr=inner_lr),
+        "maml": make_meta_config("maml", **kw),
+        "fomaml": make_meta_config("fomaml", **kw),
+        "maml_loop": make_meta_config("maml", **kw),
+    }
+    info = {
+        "shards": str(data_dir),
+        "tasks": args.movielens_tasks,
+        "batches": len(batches),
+        "samples_per_batch": statistics.mean(real_samples(b) for b in batches),
+        "inner_steps": inner_steps,
+        "inner_lr": inner_lr,
+        "support_loss_weight": 1.0,
+    }
+    return Setup("movielens", emb, dlrm, opt, batches, metas, device, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Benchmark
+# --------------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(s: Setup, steps: int, warmup: int, loop_steps: int, variants: tuple[str, ...]) -> list[dict]:
+    """Round-robin timing of the variants on the same batches; returns one result dict per variant."""
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    samples: dict[str, list[int]] = {v: [] for v in variants}
+    for rnd in range(warmup + steps):
+        batch = s.batches[rnd % len(s.batches)]
+        for v in variants:
+            if v == "maml_loop" and rnd >= warmup + loop_steps:
+                continue  # the loop reference is slow: fewer timed steps
+            _sync(s.device)
+            t0 = time.perf_counter()
+            train_step(s, batch, v)
+            _sync(s.device)
+            dt = time.perf_counter() - t0
+            if rnd >= warmup:
+                times[v].append(dt)
+                samples[v].append(real_samples(batch))
+        print(f"[{s.name}] round {rnd + 1}/{warmup + steps} done", file=sys.stderr, flush=True)
+    results = []
+    for v in variants:
+        peak = measure_peak_mb(lambda v=v: (train_step(s, s.batches[0], v), None)[1], s.device)
+        med = statistics.median(times[v])
+        results.append(
+            {
+                "bench": s.name,
+                "variant": v,
+                "samples_per_s": statistics.mean(samples[v]) / med,
+                "step_ms": med * 1e3,
+                "step_ms_min": min(times[v]) * 1e3,
+                "timed_steps": len(times[v]),
+                "samples_per_step": statistics.mean(samples[v]),
+                "tasks_per_step": int(s.batches[0].task_mask.sum()),
+                "peak_mem_mb": peak,
+                "device": str(s.device),
+                "dtype": str(next(s.dlrm.parameters()).dtype).replace("torch.", ""),
+                "threads": torch.get_num_threads(),
+            }
+        )
+    return results
+
+
+def ratios(name: str, results: list[dict]) -> dict[str, Any]:
+    sps = {r["variant"]: r["samples_per_s"] for r in results}
+
+    def ratio(a: str, b: str) -> float | None:
+        return sps[a] / sps[b] if a in sps and b in sps else None
+
+    return {
+        "bench": name,
+        "variant": "ratios",
+        "maml/plain": ratio("maml", "plain"),
+        "fomaml/plain": ratio("fomaml", "plain"),
+        "maml/maml_loop": ratio("maml", "maml_loop"),
+    }
+
+
+def print_table(results: list[dict]) -> None:
+    header = (
+        f"{'bench':<10} {'variant':<10} {'samples/s':>11} {'step_ms':>10} {'steps':>5} {'peak_mb':>9}  device"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+        print(
+            f"{r['bench']:<10} {r['variant']:<10} {r['samples_per_s']:>11.1f} {r['step_ms']:>10.1f} "
+            f"{r['timed_steps']:>5} {peak:>9}  {r['device']}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=["criteo", "movielens", "all"], default="all")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per variant (after warm-up)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    p.add_argument(
+        "--loop-steps", type=int, default=None, help="timed steps of maml_loop (default min(steps, 2))"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--rows", type=int, default=None, help="criteo rows per table (100k CPU, 1M CUDA)")
+    p.add_argument("--tasks", type=int, default=256, help="criteo tasks per meta-batch")
+    p.add_argument("--support", type=int, default=16, help="criteo support samples per task")
+    p.add_argument("--query", type=int, default=16, help="criteo query samples per task")
+    p.add_argument("--zipf", type=float, default=1.05, help="criteo id skew (Zipf exponent; 0 = uniform)")
+    p.add_argument("--movielens-dir", default=str(MOVIELENS_SHARDS))
+    p.add_argument("--movielens-tasks", type=int, default=32, help="tasks per movielens batch")
+    p.add_argument("--num-batches", type=int, default=4, help="distinct meta-batches cycled through")
+    p.add_argument("--inner-steps", type=int, default=None, help="override (criteo 1, movielens 3)")
+    p.add_argument("--inner-lr", type=float, default=None, help="override (criteo 0.1, movielens 0.3)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device available")
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    variants = tuple(v for v in args.variants.split(",") if v)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
+    loop_steps = args.loop_steps if args.loop_steps is not None else min(args.steps, 2)
+    loop_steps = max(1, min(loop_steps, args.steps))
+    pin_malloc()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    print(
+        f"torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, "
+        f"inter-op threads {torch.get_num_interop_threads()}, device {device}, dtype {args.dtype}",
+        flush=True,
+    )
+    builders = {"criteo": setup_criteo, "movielens": setup_movielens}
+    names = list(builders) if args.config == "all" else [args.config]
+    results: list[dict] = []
+    summary: list[dict] = []
+    for name in names:
+        t0 = time.perf_counter()
+        s = builders[name](args, device, dtype)
+        if s is None:
+            continue
+        print(f"[{name}] built in {time.perf_counter() - t0:.1f}s: {json.dumps(s.info)}", flush=True)
+        res = bench(s, args.steps, args.warmup, loop_steps, variants)
+        results += res
+        summary.append(ratios(name, res))
+        del s
+        gc.collect()
+    print()
+    print_table(results)
+    for r in summary:
+        print(
+            f"{r['bench']}: maml/plain {r['maml/plain'] or float('nan'):.3f}, "
+            f"fomaml/plain {r['fomaml/plain'] or float('nan'):.3f}, "
+            f"maml/maml_loop {r['maml/maml_loop'] or float('nan'):.3f} (samples/s ratios)"
+        )
+    print()
+    lines = [json.dumps(r) for r in results + summary]
+    for line in lines:
+        print(line)
+    if args.json_out:
+        Path(args.json_out).write_text("\n".join(lines) + "\n")
+    return results + summary
+
+
+if __name__ == "__main__":
+    main()
