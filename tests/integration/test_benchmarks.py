@@ -1,0 +1,56 @@
+"""Smoke test of the benchmark scripts: they run with tiny sizes and print well-formed JSON lines.
+
+No timing is compared against anything: only the presence, type and sign of the reported numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_json(script: str, *args: str, tmp: Path) -> list[dict]:
+    cmd = [sys.executable, str(ROOT / "scripts" / script), *args]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def positive(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def test_bench_train_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "train.jsonl"
+    args = ["--config", "criteo", "--rows", "1000", "--tasks", "8", "--steps", "2", "--warmup", "1"]
+    lines = run_json("bench_train.py", *args, "--json-out", str(out), tmp=tmp_path)
+    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
+    rows = [r for r in lines if r["variant"] != "ratios"]
+    assert {r["variant"] for r in rows} == {"plain", "maml", "fomaml", "maml_loop"}
+    for r in rows:
+        assert r["bench"] == "criteo" and r["device"] == "cpu"
+        assert positive(r["samples_per_s"]) and positive(r["step_ms"])
+        assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
+    (ratios,) = [r for r in lines if r["variant"] == "ratios"]
+    for key in ("maml/plain", "fomaml/plain", "maml/maml_loop"):
+        assert positive(ratios[key])
+
+
+def test_bench_io_smoke(tmp_path: Path) -> None:
+    args = ["--synthetic", "--synthetic-users", "150", "--batch-tasks", "8", "--max-batches", "3"]
+    lines = run_json("bench_io.py", *args, "--consume-steps", "2", "--workers", "0,1", tmp=tmp_path)
+    rows = {r["variant"]: r for r in lines}
+    assert {"loader_w0", "loader_w1", "naive", "consumed", "ratios"} <= set(rows)
+    for name in ("loader_w0", "loader_w1", "naive", "consumed"):
+        r = rows[name]
+        assert r["bench"] == "io"
+        assert positive(r["tasks_per_s"]) and positive(r["samples_per_s"])
+    for key in ("loader_w0/consumed", "loader_w0/naive", "loader_w1/naive"):
+        assert positive(rows["ratios"][key])
