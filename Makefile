@@ -37,6 +37,11 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
 
+# Training-step and Meta-IO benchmarks (tables + JSON lines; docs/benchmarks.md)
+bench: setup
+	$(PY) scripts/bench_train.py $(ARGS)
+	$(PY) scripts/bench_io.py
+
 lint: setup
 	$(PY) -m ruff check src tests scripts train.py eval.py
 	$(PY) -m ruff format --check src tests scripts train.py eval.py

@@ -28,8 +28,8 @@ Reported per variant: ``samples_per_s`` (real support+query samples per step / m
 median ``step_ms`` over ``--steps`` timed steps after ``--warmup`` untimed ones, and ``peak_mem_mb``:
 on CUDA ``torch.cuda.max_memory_allocated`` during one extra step minus the memory allocated before it;
 on CPU the growth of the process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) during one
-extra step above the RSS before it, with glibc's mmap threshold pinned so freed tensors go back to the
-OS (so: extra memory a step needs on top of model + batches). Finally the samples/s ratios
+extra step above the RSS before it, after ``malloc_trim(0)`` has handed glibc's free heap back to the
+OS (so: roughly the extra memory a step needs on top of model + batches; allocator slack can add to it). Finally the samples/s ratios
 maml/plain, fomaml/plain and maml/maml_loop.
 
 Run (defaults finish in under 10 minutes on 2 CPU cores)::
@@ -81,12 +81,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # --------------------------------------------------------------------------------------------------
 
 
-def pin_malloc() -> None:
-    """Make glibc serve big allocations with mmap (returned to the OS on free) at a fixed threshold,
-    so RSS follows live tensors instead of keeping freed heap around. No-op where unavailable."""
+def trim_malloc() -> None:
+    """Return glibc's free heap pages to the OS (``malloc_trim(0)``), so that RSS is close to the live
+    memory before a measured step. No-op where unavailable."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB (also disables the dynamic threshold)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -121,6 +120,7 @@ def measure_peak_mb(fn: Callable[[], None], device: torch.device) -> float | Non
         fn()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    trim_malloc()
     if not _reset_hwm():
         return None
     before = _status_kb("VmRSS")
@@ -460,7 +460,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"unknown variant(s) {sorted(unknown)}; choose from {VARIANTS}")
     loop_steps = args.loop_steps if args.loop_steps is not None else min(args.steps, 2)
     loop_steps = max(1, min(loop_steps, args.steps))
-    pin_malloc()
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     print(
