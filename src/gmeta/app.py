@@ -117,4 +117,19 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     elif cfg.split != "test":
         raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
     trainer.test(model, datamodule=datamodule)
-    return _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")
+    records = _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")
+    if cfg.get("report", False) and trainer.is_global_zero and records:
+        from gmeta.eval_report import write_eval_report  # matplotlib: only when a report is asked for
+
+        path = write_eval_report(
+            model,
+            datamodule.test_dataloader(),
+            records,
+            output_dir,
+            ckpt,
+            support_sizes=list(cfg.get("support_sizes") or []),
+            baseline_path=cfg.get("baseline_metrics"),
+            title=f"{cfg.split}: {model.meta_config.name} ({ckpt.parent.parent.name})",
+        )
+        log.info("wrote %s", path)
+    return records

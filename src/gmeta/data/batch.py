@@ -15,7 +15,7 @@ multi-hot / dense fields, L = longest multi-hot list):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -157,3 +157,20 @@ def pad_tasks(batch: TaskBatch, num_tasks: int) -> TaskBatch:
         task_mask=grow(batch.task_mask, False),
         task_ids=batch.task_ids + [""] * extra,
     )
+
+
+def truncate_support(batch: TaskBatch, k: int | None) -> TaskBatch:
+    """A copy of ``batch`` whose support sets keep only the first ``k`` real samples of each task.
+
+    Samples are stored in time order, so "first k" is what a new user with k interactions has:
+    their earliest ones. Only ``support.mask`` changes (a new tensor); tasks with fewer than ``k``
+    real samples keep all of theirs, the query set and all other tensors are shared, unchanged, and
+    the input is not mutated. ``k=None`` returns ``batch`` itself (the whole support set).
+    """
+    if k is None:
+        return batch
+    if k < 0:
+        raise ValueError(f"k must be >= 0 or None, got {k}")
+    mask = batch.support.mask
+    keep = mask & (torch.cumsum(mask.long(), dim=1) <= k)
+    return replace(batch, support=replace(batch.support, mask=keep))
