@@ -33,6 +33,7 @@ from gmeta.data.batch import TaskBatch, truncate_support  # noqa: E402
 from gmeta.data.schema import STATES  # noqa: E402
 from gmeta.meta.inner import predict  # noqa: E402
 from gmeta.metrics import ColdStartMetrics  # noqa: E402
+from gmeta.report import record_cells, sort_records  # noqa: E402
 
 if TYPE_CHECKING:
     from gmeta.meta.module import MetaDLRMModule
@@ -305,21 +306,8 @@ def markdown_report(
     parts += [f"- {n}" for n in notes]
     parts += ["", "## Metrics per cold-start state", ""]
     header = ("state", "method", "adapted", "AUC", "logloss", "gAUC", "tasks", "samples")
-    rows = []
-    for recs, suffix in ((records, ""), (baseline or [], " (baseline)")):
-        for r in sorted(recs, key=lambda r: (STATES.index(r["state"]), r["method"], r["adapted"])):
-            rows.append(
-                (
-                    r["state"],
-                    r["method"] + suffix,
-                    "yes" if r["adapted"] else "no",
-                    _fmt(r["auc"]),
-                    _fmt(r["logloss"]),
-                    _fmt(r["gauc"]),
-                    str(r["tasks"]),
-                    str(r["samples"]),
-                )
-            )
+    rows = [record_cells(r) for r in sort_records(records)]
+    rows += [record_cells(r, " (baseline)") for r in sort_records(baseline or [])]
     parts += [_md_table(header, rows), ""]
 
     # adapted vs not (and vs the baseline) in one AUC row per state

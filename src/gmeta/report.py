@@ -20,29 +20,38 @@ from gmeta.data.schema import STATES
 METRICS_FILENAME = "cold_start_metrics.json"
 
 
-def _fmt(x: float) -> str:
-    return "-" if isinstance(x, float) and math.isnan(x) else f"{x:.4f}"
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
 def sort_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(records, key=lambda r: (STATES.index(r["state"]), r["method"], r["adapted"]))
 
 
+#: columns of a record as shown in tables (printed and Markdown)
+RECORD_COLUMNS: tuple[str, ...] = ("state", "method", "adapted", "auc", "logloss", "gauc", "tasks", "samples")
+
+
+def record_cells(r: dict[str, Any], method_suffix: str = "") -> tuple[str, ...]:
+    """One record as the strings of ``RECORD_COLUMNS``."""
+    return (
+        r["state"],
+        r["method"] + method_suffix,
+        "yes" if r["adapted"] else "no",
+        _fmt(r["auc"]),
+        _fmt(r["logloss"]),
+        _fmt(r["gauc"]),
+        str(r["tasks"]),
+        str(r["samples"]),
+    )
+
+
 def metrics_table(records: Sequence[dict[str, Any]], title: str = "cold-start metrics") -> Table:
     table = Table(title=title)
-    for col in ("state", "method", "adapted", "auc", "logloss", "gauc", "tasks", "samples"):
+    for col in RECORD_COLUMNS:
         table.add_column(col, justify="left" if col in ("state", "method") else "right")
     for r in sort_records(records):
-        table.add_row(
-            r["state"],
-            r["method"],
-            "yes" if r["adapted"] else "no",
-            _fmt(r["auc"]),
-            _fmt(r["logloss"]),
-            _fmt(r["gauc"]),
-            str(r["tasks"]),
-            str(r["samples"]),
-        )
+        table.add_row(*record_cells(r))
     return table
 
 
