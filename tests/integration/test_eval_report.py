@@ -3,49 +3,32 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from entry_points import run_entry_point
 
 from gmeta.data.batch import SetBatch, TaskBatch, truncate_support
 from gmeta.data.schema import STATES
 
-ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SIZES = ("1", "3", "5", "10", "all")
-
-
-def _run(script: str, *overrides: str, tmp: Path) -> None:
-    cmd = [
-        sys.executable,
-        str(ROOT / script),
-        *overrides,
-        f"paths.data_dir={tmp}/data",
-        f"paths.log_dir={tmp}/logs",
-    ]
-    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
 
 
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("eval_report")
     run = tmp / "run"
-    _run(
+    run_entry_point(
         "train.py",
         "+experiment=synthetic_maml",
         "trainer.max_epochs=2",
         f"hydra.run.dir={run}",
-        "callbacks.progress_bar=null",
         tmp=tmp,
     )
     out = tmp / "eval"
-    _run(
+    run_entry_point(
         "eval.py", "data=synthetic", f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={out}", tmp=tmp
     )
     return out

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from entry_points import run_entry_point
 
 from gmeta.data.schema import STATES
 from gmeta.data.sources.synthetic import SyntheticSource
-
-ROOT = Path(__file__).resolve().parents[2]
 
 SCHEMA_YAML = """\
 task_key: user_id
@@ -30,21 +27,16 @@ def test_train_on_own_csv(tmp_path: Path) -> None:
     schema = tmp_path / "schema.yaml"
     schema.write_text(SCHEMA_YAML)
     run_dir, shards = tmp_path / "run", tmp_path / "shards"
-    cmd = [
-        sys.executable,
-        str(ROOT / "train.py"),
+    run_entry_point(
+        "train.py",
         "data=tabular",
         f"data.source.path={csv}",
         f"data.source.schema_path={schema}",
         f"data.data_dir={shards}",
         "debug=fdr",
         f"hydra.run.dir={run_dir}",
-        f"paths.log_dir={tmp_path}/logs",
-        "callbacks.progress_bar=null",
-    ]
-    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+        tmp=tmp_path,
+    )
 
     manifest = json.loads((shards / "manifest.json").read_text())
     assert manifest["schema"]["fields"][0]["name"] == "user_id"

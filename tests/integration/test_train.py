@@ -7,39 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from entry_points import run_entry_point as run_script
 
 from gmeta.data.schema import STATES
 from gmeta.data.shards import read_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
 EPOCHS = 3
-
-
-def run_script(script: str, *overrides: str, tmp: Path) -> subprocess.CompletedProcess:
-    """Run a Hydra entry point in a subprocess with all outputs under ``tmp``."""
-    cmd = [
-        sys.executable,
-        str(ROOT / script),
-        *overrides,
-        f"paths.data_dir={tmp}/data",
-        f"paths.log_dir={tmp}/logs",
-    ]
-    if script == "train.py":
-        cmd.append("callbacks.progress_bar=null")  # keep the captured output small
-    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        )
-    return proc
 
 
 def records_by_key(path: Path) -> dict[tuple[str, bool], dict]:
