@@ -204,6 +204,13 @@ def _where(name: str, df: pd.DataFrame, key: str, row: int) -> str:
     return f"{name}: row {row} ({key}={value!r})"
 
 
+def _show(value: Any) -> str:
+    """A raw cell for messages: ``nan`` / ``'abc'`` / ``3.5`` (numpy scalars as plain Python values)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
 def _first(mask: np.ndarray) -> int:
     return int(np.asarray(mask).nonzero()[0][0])
 
@@ -360,7 +367,7 @@ def encode_rows(
         if not np.isfinite(values).all():
             r = _first(~np.isfinite(values))
             raise ServeError(
-                f"{_where(name, df, key, r)}, column {c!r}: dense value {df[c].iloc[r]!r} is missing, "
+                f"{_where(name, df, key, r)}, column {c!r}: dense value {_show(df[c].iloc[r])} is missing, "
                 "not numeric or not finite"
             )
         dense[:, j] = values  # float64 -> float32: exact for float32 inputs, as training's cast
@@ -371,7 +378,7 @@ def encode_rows(
         if np.isnan(raw).any():
             r = _first(np.isnan(raw))
             raise ServeError(
-                f"{_where(name, df, key, r)}, column {c!r}: label {df[c].iloc[r]!r} is missing or not numeric"
+                f"{_where(name, df, key, r)}, column {c!r}: label {_show(df[c].iloc[r])} is missing or not numeric"
             )
         if enc.label_threshold is not None:
             label = (raw >= enc.label_threshold).astype(np.float32)
@@ -504,7 +511,7 @@ class FewShotAdapter:
             if t.isna().any():
                 r = _first(t.isna().to_numpy())
                 raise ServeError(
-                    f"{_where(sup_name, support, key, r)}, column {time!r}: time {support[time].iloc[r]!r} "
+                    f"{_where(sup_name, support, key, r)}, column {time!r}: time {_show(support[time].iloc[r])} "
                     "is missing or not numeric (drop the column to keep the file's order)"
                 )
             order = np.argsort(t.to_numpy(), kind="stable")
