@@ -108,19 +108,29 @@ class MetaDLRMModule(L.LightningModule):
         for s in (batch.support, batch.query):
             s.sparse[:, :, self.task_key_column].masked_fill_(drop[:, None], 0)
 
+    def loss_weight(self, batch: TaskBatch) -> int:
+        """How many units the local loss averages over: real tasks, or real samples for ``none``."""
+        tm = batch.task_mask
+        if self.meta_config.name == "none":
+            return int((batch.support.mask & tm[:, None]).sum() + (batch.query.mask & tm[:, None]).sum())
+        return int(tm.sum())
+
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         optimizer = self.optimizers()
         self._drop_task_keys(batch)
-        lookup = self.embedding.lookup(batch)
+        # With a sharded table this is the step's only id/row exchange (support and query together).
+        lookup = self.embedding.lookup(batch, loss_weight=self.loss_weight(batch))
         loss, stats = meta_loss(self.dlrm, self.dense_params(), lookup.rows, lookup, batch, self.meta_config)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite meta loss {loss.item()} at step {self.global_step} (tasks {batch.task_ids[:5]}...)"
             )
         optimizer.zero_grad()
-        self.manual_backward(loss)
+        # loss_share (1 on one process) weights this rank's mean so the ranks' gradients sum to the
+        # gradient of the global mean; the strategy sums dense gradients in optimizer.step().
+        self.manual_backward(loss * lookup.loss_share)
         optimizer.step()
-        self.embedding.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
+        self.embedding.apply_gradients(lookup)
         real_tasks = int(batch.task_mask.sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=real_tasks)
         for name in ("support_loss", "query_loss"):

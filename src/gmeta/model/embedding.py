@@ -10,12 +10,12 @@ The weight is a buffer, not a parameter: ``module.parameters()`` holds only dens
 dense optimizer and its AllReduce) while the table is updated by its own sparse row-wise optimizer,
 whose state is a submodule's buffers and so travels in ``state_dict`` with the weight.
 
-Training flow::
+Training flow (the same for the row-wise sharded table in ``gmeta.parallel``)::
 
-    lookup = emb.lookup(batch)                  # rows: (U, d) leaf tensor, requires_grad
+    lookup = emb.lookup(batch, loss_weight=n)   # rows: (U, d) leaf tensor, requires_grad
     loss = f(lookup.rows, ...)                  # e.g. gmeta.meta.inner.meta_loss
-    loss.backward()                             # lookup.rows.grad: (U, d), summed per unique id
-    emb.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
+    (loss * lookup.loss_share).backward()       # lookup.rows.grad: (U, d), summed per unique id
+    emb.apply_gradients(lookup)                 # sparse row-wise optimizer step
 """
 
 from __future__ import annotations
@@ -187,6 +187,11 @@ class EmbeddingLookup:
     rows: Tensor
     support: LocalIndex
     query: LocalIndex
+    #: this process's share of the global loss normaliser (``loss_weight`` of ``lookup`` over the
+    #: sum of all ranks' weights); 1.0 on one process. Scale the local mean loss by it before backward.
+    loss_share: float = 1.0
+    #: how rows travelled (the sharded table keeps its exchange plan here for the backward)
+    routing: Any = None
 
     @property
     def num_rows(self) -> int:
@@ -302,7 +307,11 @@ class EmbeddingCollection(nn.Module):
         self.weight.normal_(0.0, self.init_std)
 
     # -- lookup ---------------------------------------------------------------------------------
-    def _check(self, s: SetBatch, which: str) -> None:
+    def find_bad_id(self, s: SetBatch) -> tuple[int, int, int, int] | None:
+        """First id of a set outside its field's vocabulary, as (task, sample, field, id), or None.
+
+        One reduction per set; an out-of-range id would otherwise silently read another field's rows.
+        """
         sp_sizes = self.sizes[: self.num_sparse]
         mh_sizes = self.sizes[self.num_sparse :]
         sp_bad = (s.sparse < 0) | (s.sparse >= sp_sizes)
@@ -310,22 +319,23 @@ class EmbeddingCollection(nn.Module):
         for bad, base, ids in ((sp_bad, 0, s.sparse), (mh_bad, self.num_sparse, s.multi_hot)):
             if bad.any():
                 where = bad.nonzero()[0].tolist()
-                f = base + where[2]
-                raise ValueError(
-                    f"{which} set, task {where[0]}, sample {where[1]}, field {self.field_names[f]!r}: id "
-                    f"{int(ids[tuple(where)])} outside [0, {self.vocab_sizes[f]})"
-                )
+                return where[0], where[1], base + where[2], int(ids[tuple(where)])
+        return None
 
-    def lookup(self, batch: TaskBatch) -> EmbeddingLookup:
-        """Gather the rows of every id in the batch (support and query, all fields) at once.
+    def bad_id_message(self, which: str, task: int, sample: int, field: int, value: int) -> str:
+        return (
+            f"{which} set, task {task}, sample {sample}, field {self.field_names[field]!r}: id "
+            f"{value} outside [0, {self.vocab_sizes[field]})"
+        )
 
-        Returns an ``EmbeddingLookup`` whose ``rows`` is a fresh leaf (U, d) tensor with
-        ``requires_grad=True``: differentiate the loss w.r.t. it, then ``apply_row_gradients``.
-        """
-        sup, qry = batch.support, batch.query
-        if self.check_ids:
-            self._check(sup, "support")
-            self._check(qry, "query")
+    def _check(self, s: SetBatch, which: str) -> None:
+        bad = self.find_bad_id(s)
+        if bad is not None:
+            raise ValueError(self.bad_id_message(which, *bad))
+
+    def index(self, batch: TaskBatch) -> tuple[Tensor, LocalIndex, LocalIndex]:
+        """The sorted unique global row ids of a batch (support and query, all fields) and each set's
+        indices into them (no id validation: see ``find_bad_id``)."""
         fs = self.num_sparse
         sentinel = self.num_total_rows  # larger than any real id, so it sorts last in unique()
 
@@ -335,7 +345,7 @@ class EmbeddingCollection(nn.Module):
             mh = torch.where(valid, s.multi_hot + self.offsets[fs:, None], sentinel)
             return sparse, mh, valid
 
-        parts = [globalize(sup), globalize(qry)]
+        parts = [globalize(batch.support), globalize(batch.query)]
         flat = torch.cat([t.reshape(-1) for p in parts for t in p[:2]])
         unique, inverse = torch.unique(flat, sorted=True, return_inverse=True)
         # If padding occurred, the sentinel is the last unique id and its inverse index is already
@@ -351,9 +361,26 @@ class EmbeddingCollection(nn.Module):
             mh_idx = inverse[start + n_sp : start + n_sp + n_mh].view_as(mh)
             start += n_sp + n_mh
             locals_.append(LocalIndex(sparse=sp_idx, multi_hot=mh_idx, multi_hot_mask=valid))
+        return unique, locals_[0], locals_[1]
 
+    def lookup(self, batch: TaskBatch, loss_weight: int = 1) -> EmbeddingLookup:
+        """Gather the rows of every id in the batch (support and query, all fields) at once.
+
+        Args:
+            batch: the meta-batch.
+            loss_weight: how many units (real tasks, or samples for plain training) this process's
+                loss averages over; the sharded table sums it over ranks so that ``loss_share`` makes
+                the ranks' losses add up to the global mean. On one process ``loss_share`` is 1.
+
+        Returns an ``EmbeddingLookup`` whose ``rows`` is a fresh leaf (U, d) tensor with
+        ``requires_grad=True``: differentiate the loss w.r.t. it, then ``apply_gradients``.
+        """
+        if self.check_ids:
+            self._check(batch.support, "support")
+            self._check(batch.query, "query")
+        unique, support, query = self.index(batch)
         rows = self.weight.index_select(0, unique).detach().requires_grad_(True)
-        return EmbeddingLookup(unique_ids=unique, rows=rows, support=locals_[0], query=locals_[1])
+        return EmbeddingLookup(unique_ids=unique, rows=rows, support=support, query=query)
 
     # -- update ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -369,6 +396,20 @@ class EmbeddingCollection(nn.Module):
                 f"row_grads shape {tuple(row_grads.shape)} != ({unique_ids.shape[0]}, {self.dim})"
             )
         self.optimizer.step(self.weight, unique_ids, row_grads.to(self.weight.dtype))
+
+    def apply_gradients(self, lookup: EmbeddingLookup) -> None:
+        """Sparse optimizer step on the rows of ``lookup`` with their gradient ``lookup.rows.grad``."""
+        self.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if prefix + "shard_info" in state_dict:
+            world, rank, _ = state_dict[prefix + "shard_info"].tolist()
+            raise ValueError(
+                f"{prefix}: the state holds only the row shard of rank {rank} of {world} (a raw per-rank "
+                "state_dict); one process needs the full table: save checkpoints through "
+                "HybridParallelStrategy (it gathers the shards) and load those"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
