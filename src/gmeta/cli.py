@@ -85,7 +85,7 @@ def _adapt_parser(sub: argparse._SubParsersAction) -> None:
 
 def adapt(args: argparse.Namespace) -> int:
     """``gmeta adapt``: returns the exit status."""
-    from gmeta.serve import FewShotAdapter, fill_candidate_features, read_table  # torch: load late
+    from gmeta.serve import FewShotAdapter, read_table  # torch: load late
 
     threshold: float | None | str = args.label_threshold
     if isinstance(threshold, str) and threshold.lower() == "none":
@@ -104,23 +104,21 @@ def adapt(args: argparse.Namespace) -> int:
         batch_users=args.batch_users,
         label_threshold=threshold,
     )
-    schema = adapter.schema
-    key = args.key or schema.task_key
+    key = args.key or adapter.schema.task_key
     item_column = args.item_column or adapter.encoding.item_key
-    id_columns = [key, *(f.name for f in schema.id_fields)] + ([item_column] if item_column else [])
+    id_columns = adapter.id_columns(key) + ([item_column] if item_column else [])
     support = read_table(args.support, id_columns)
     candidates = read_table(args.candidates, id_columns)
     user_columns = [c.strip() for c in args.user_columns.split(",") if c.strip()]
     items = read_table(args.items, id_columns) if args.items is not None else None
     if items is not None or user_columns:
-        candidates = fill_candidate_features(
+        candidates = adapter.fill_candidates(
             candidates,
             support,
-            schema,
-            key,
             items=items,
-            item_key=item_column,
             user_columns=user_columns,
+            key=key,
+            item_key=item_column,
             names=(str(args.candidates), str(args.support), str(args.items)),
         )
     scores = adapter.score(

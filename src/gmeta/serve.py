@@ -140,8 +140,10 @@ def load_encoding(
         run_dir = _find_run_data_dir(Path(ckpt_path))
         if run_dir is not None and (run_dir / "manifest.json").is_file():
             data_dir = run_dir
+        elif run_dir is None:
+            tried.append(f"a run config (config_resolved.yaml with data.data_dir) above {ckpt_path}: none")
         else:
-            tried.append(f"the run config next to {ckpt_path} (data dir {run_dir})")
+            tried.append(f"the run config's data dir {run_dir}: no manifest.json there")
     if data_dir is None:
         raise ServeError(
             f"no vocabulary found for checkpoint {ckpt_path}: tried {'; '.join(tried)}. Pass the shard folder "
@@ -462,9 +464,44 @@ class FewShotAdapter:
         log.info("loaded %s (vocabulary from %s) on %s", path, enc.origin, device)
         return cls(module, enc, device=device, batch_users=batch_users)
 
-    # -- building tasks ------------------------------------------------------------------------
+    # -- inputs --------------------------------------------------------------------------------
     def feature_columns(self) -> list[str]:
         return [f.name for f in self.schema.fields]
+
+    def id_columns(self, key: str | None = None) -> list[str]:
+        """Columns read as strings: the key, the id fields and the item column."""
+        item = [self.encoding.item_key] if self.encoding.item_key else []
+        return list(
+            dict.fromkeys([key or self.schema.task_key, *(f.name for f in self.schema.id_fields), *item])
+        )
+
+    def read(self, path: str | Path, key: str | None = None) -> pd.DataFrame:
+        """``read_table`` with this model's id columns read as strings."""
+        return read_table(path, self.id_columns(key))
+
+    def fill_candidates(
+        self,
+        candidates: pd.DataFrame,
+        support: pd.DataFrame,
+        items: pd.DataFrame | None = None,
+        user_columns: Sequence[str] = (),
+        key: str | None = None,
+        item_key: str | None = None,
+        names: tuple[str, str, str] = ("candidates", "support", "items"),
+    ) -> pd.DataFrame:
+        """``fill_candidate_features`` with this model's schema, key and item column."""
+        return fill_candidate_features(
+            candidates,
+            support,
+            self.schema,
+            key or self.schema.task_key,
+            items=items,
+            item_key=item_key or self.encoding.item_key,
+            user_columns=user_columns,
+            names=names,
+        )
+
+    # -- building tasks ------------------------------------------------------------------------
 
     def build_tasks(
         self,
