@@ -32,10 +32,12 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from gmeta.data.batch import SetBatch, TaskBatch
+from gmeta.meta import fast
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex, gather_embeddings
 
 META_ALGORITHMS: tuple[str, ...] = ("maml", "fomaml", "anil", "none")
+IMPLEMENTATIONS: tuple[str, ...] = ("fast", "vmap")
 PARAM_GROUPS: tuple[str, ...] = ("bottom", "top")
 
 
@@ -54,6 +56,9 @@ class MetaConfig:
             (un-adapted) weights to the query loss. MAML alone learns from query labels only (a
             quarter of MovieLens' training labels); this auxiliary term lets every label train the
             embeddings, while the query term still trains for post-adaptation performance.
+        implementation: ``fast`` (``gmeta.meta.fast``: the inner loop in closed form on the DLRM
+            towers, no per-task weights; models it does not know fall back to ``vmap``) or ``vmap``
+            (``torch.func.vmap`` over tasks of ``torch.func.grad`` steps: the simple reference).
     """
 
     name: str = "maml"
@@ -63,10 +68,15 @@ class MetaConfig:
     adapt_embeddings: bool = False
     first_order: bool = False
     support_loss_weight: float = 0.0
+    implementation: str = "fast"
 
     def __post_init__(self) -> None:
         if self.name not in META_ALGORITHMS:
             raise ValueError(f"meta algorithm must be one of {META_ALGORITHMS}, got {self.name!r}")
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"meta implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
         if self.inner_steps < 0:
             raise ValueError(f"inner_steps must be >= 0, got {self.inner_steps}")
         unknown = set(self.adapt_groups) - set(PARAM_GROUPS)
@@ -268,7 +278,8 @@ def meta_loss(
 
     Meta algorithms: mean over real tasks of each task's masked-mean query BCE at its fast weights.
     ``none``: masked-mean BCE over all real support+query samples of real tasks at the shared weights.
-    Dummy tasks (``task_mask`` False) contribute exactly zero.
+    Dummy tasks (``task_mask`` False) contribute exactly zero. ``cfg.implementation`` picks the fast
+    path (``gmeta.meta.fast``) or the vmap reference; both compute the same numbers.
 
     Returns:
         loss: scalar.
@@ -276,31 +287,60 @@ def meta_loss(
             tasks), and ``query_logits`` (T, Q) (for training metrics).
     """
     tm = batch.task_mask
-    q = batch.query
+    q, s = batch.query, batch.support
+    dtype = rows.dtype
+    towers = fast.towers_of(model, params, cfg.adapt_groups) if cfg.implementation == "fast" else None
     if cfg.name == "none":
-        s = batch.support
-        s_logits = _shared_logits(model, params, rows, lookup.support, s)
-        q_logits = _shared_logits(model, params, rows, lookup.query, q)
+        if towers is not None:
+            s_logits, q_logits = fast.plain_logits(towers, rows, lookup, batch)
+        else:
+            s_logits = _shared_logits(model, params, rows, lookup.support, s)
+            q_logits = _shared_logits(model, params, rows, lookup.query, q)
         s_mask = s.mask & tm[:, None]
         q_mask = q.mask & tm[:, None]
-        s_bce = F.binary_cross_entropy_with_logits(s_logits, s.label.to(rows.dtype), reduction="none")
-        q_bce = F.binary_cross_entropy_with_logits(q_logits, q.label.to(rows.dtype), reduction="none")
+        s_bce = F.binary_cross_entropy_with_logits(s_logits, s.label.to(dtype), reduction="none")
+        q_bce = F.binary_cross_entropy_with_logits(q_logits, q.label.to(dtype), reduction="none")
         total = torch.where(s_mask, s_bce, 0.0).sum() + torch.where(q_mask, q_bce, 0.0).sum()
         loss = total / (s_mask.sum() + q_mask.sum()).clamp(min=1).to(total.dtype)
-        support_loss = masked_task_mean(masked_bce(s_logits, s.label.to(rows.dtype), s.mask), tm)
-        query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(rows.dtype), q.mask), tm)
-    else:
-        fast = adapt(model, params, rows, lookup, batch.support, cfg, create_graph=True)
-        q_logits = query_logits(model, fast, lookup, q)
-        loss = query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(rows.dtype), q.mask), tm)
+        support_loss = masked_task_mean(masked_bce(s_logits, s.label.to(dtype), s.mask), tm)
+        query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(dtype), q.mask), tm)
+    elif towers is not None:
+        res = fast.run_meta(
+            towers,
+            rows,
+            lookup,
+            batch,
+            inner_steps=cfg.inner_steps,
+            inner_lr=cfg.inner_lr,
+            adapt_embeddings=cfg.adapt_embeddings,
+            second_order=not cfg.first_order,
+            track_grad=True,
+            support_logits_grad=cfg.support_loss_weight > 0,
+        )
+        q_logits = res.query_logits
+        loss = query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(dtype), q.mask), tm)
+        shared_support = None
+        if res.support_logits is not None:  # the inner loop's step-0 forward, reused
+            shared_support = masked_task_mean(masked_bce(res.support_logits, s.label.to(dtype), s.mask), tm)
         if cfg.support_loss_weight > 0:
-            s = batch.support
-            s_logits = _shared_logits(model, params, rows, lookup.support, s)
-            shared_support = masked_task_mean(masked_bce(s_logits, s.label.to(rows.dtype), s.mask), tm)
+            assert shared_support is not None
             loss = query_loss + cfg.support_loss_weight * shared_support
         support_loss = (
-            masked_task_mean(fast.support_loss, tm)
-            if fast.support_loss is not None
+            shared_support
+            if res.inner_ran and shared_support is not None
+            else torch.full_like(loss, float("nan"))
+        )
+    else:
+        fw = adapt(model, params, rows, lookup, s, cfg, create_graph=True)
+        q_logits = query_logits(model, fw, lookup, q)
+        loss = query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(dtype), q.mask), tm)
+        if cfg.support_loss_weight > 0:
+            s_logits = _shared_logits(model, params, rows, lookup.support, s)
+            shared_support = masked_task_mean(masked_bce(s_logits, s.label.to(dtype), s.mask), tm)
+            loss = query_loss + cfg.support_loss_weight * shared_support
+        support_loss = (
+            masked_task_mean(fw.support_loss, tm)
+            if fw.support_loss is not None
             else torch.full_like(loss, float("nan"))
         )
     stats = {
@@ -326,14 +366,31 @@ def predict(
     is fine-tuning with the configured inner_lr / inner_steps / adapt_groups, the fair comparison);
     otherwise score the query at the shared weights.
     """
+    towers = fast.towers_of(model, params, cfg.adapt_groups) if cfg.implementation == "fast" else None
+    if towers is not None:
+        with torch.no_grad():
+            if not adapted:
+                return fast.shared_logits(towers.detached(), rows.detach(), lookup.query, batch.query)
+            return fast.run_meta(
+                towers,
+                rows,
+                lookup,
+                batch,
+                inner_steps=cfg.inner_steps,
+                inner_lr=cfg.inner_lr,
+                adapt_embeddings=cfg.adapt_embeddings,
+                second_order=False,
+                track_grad=False,
+                support_logits_grad=False,
+            ).query_logits
     if not adapted:
         with torch.no_grad():
             return _shared_logits(model, params, rows, lookup.query, batch.query)
     # Evaluation loops usually run under no_grad; the inner loop needs gradients.
     with torch.enable_grad():
-        fast = adapt(model, params, rows, lookup, batch.support, cfg, create_graph=False)
+        fw = adapt(model, params, rows, lookup, batch.support, cfg, create_graph=False)
     with torch.no_grad():
-        return query_logits(model, fast, lookup, batch.query)
+        return query_logits(model, fw, lookup, batch.query)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,650 @@
+"""Fast meta step: the inner loop of MAML / FOMAML / ANIL in closed form on the DLRM towers.
+
+No per-task copy of any weight is ever built. For a linear layer ``z = W x + b`` one inner SGD step
+on task t's support loss gives ``W_t = W - lr * D_t^T X_t`` and ``b_t = b - lr * 1^T D_t``, where
+``X_t`` (S, in) are the layer's support inputs and ``D_t`` (S, out) the support loss gradients w.r.t.
+its outputs. After k steps the per-task weight is ``W - lr * sum_j D_j^T X_j``, so the layer at the
+adapted weights is
+
+    z = W x + b - lr * (x X_t^T + 1) D_t        with X_t, D_t the (T, k*S, .) factors of all steps,
+
+a shared matrix product for all tasks plus two small per-task (M x kS) products. The inner gradients
+(``D``, and the embedding gradients for adapted rows) are written out by hand as ordinary tensor ops
+(the backward pass of the towers), so second-order MAML is one plain ``loss.backward()`` through them
+(no ``create_graph``, no ``vmap``); first order runs them without a graph at all.
+
+Redundant passes are avoided: the support forward at the shared weights (inner step 0) gives the
+support loss term and the stats; the inner backward only computes the input gradients a lower adapted
+layer needs (for the bottom tower through a ``dot`` interaction that is d + n - 1 of the top tower's
+input columns, not all of them); ANIL (bottom and embeddings shared) computes the interaction once;
+the ``dot`` interaction's backward uses the symmetry of ``V V^T`` (one batched product instead of two,
+a large share of a plain step on CPU).
+
+Adapted embedding rows (``adapt_embeddings``) are kept per (task, row) pair that occurs in the task's
+support set, not as a (U, d) copy per task: a query id of task t reads ``rows[id]`` plus the task's
+delta for that id, or no delta if the task's support never used it.
+
+Supported: ``DLRM`` towers built by ``gmeta.model.dlrm.mlp`` (Linear/ReLU stacks), ``dot`` or
+``concat`` interaction, with or without a bottom tower, any ``adapt_groups``, ``inner_steps >= 0``,
+first or second order, ``adapt_embeddings``. ``towers_of`` returns None for anything else, and the
+caller (``gmeta.meta.inner``) then uses the vmap path.
+
+Shapes: T tasks, S / Q / M padded samples per set, U looked-up rows, F id fields, d embedding dim,
+n = F + 1 vectors in the interaction (F without a bottom tower), P the top tower's input width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from gmeta.data.batch import SetBatch, TaskBatch
+from gmeta.model.dlrm import DLRM
+from gmeta.model.embedding import EmbeddingLookup, LocalIndex
+
+# --------------------------------------------------------------------------------------------------
+# The towers as a list of linear layers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layer:
+    """One linear layer: ``weight`` (out, in), ``bias`` (out,), whether the inner loop adapts it."""
+
+    weight: Tensor
+    bias: Tensor
+    adapted: bool
+
+
+@dataclass
+class Towers:
+    """The DLRM towers at some parameter values (attached or detached)."""
+
+    bottom: list[Layer]  # ReLU after every layer (the last one too)
+    top: list[Layer]  # ReLU between layers, the last one gives the logit
+    interaction: str
+    dim: int
+    num_fields: int
+    flat: Tensor | None  # dot: (n(n-1)/2,) flat indices i*n+j, i<j, into the (n, n) products
+
+    @property
+    def has_bottom(self) -> bool:
+        return bool(self.bottom)
+
+    @property
+    def n_vec(self) -> int:
+        return self.num_fields + (1 if self.has_bottom else 0)
+
+    def detached(self) -> Towers:
+        def det(layers: list[Layer]) -> list[Layer]:
+            return [Layer(x.weight.detach(), x.bias.detach(), x.adapted) for x in layers]
+
+        return Towers(det(self.bottom), det(self.top), self.interaction, self.dim, self.num_fields, self.flat)
+
+
+def _linear_names(seq: nn.Sequential | None, prefix: str, last_relu: bool) -> list[str] | None:
+    """Param name prefixes of the Linear layers of a Linear/ReLU stack; None if it is not one."""
+    if seq is None:
+        return []
+    mods = list(seq)
+    names = []
+    for i, m in enumerate(mods):
+        if isinstance(m, nn.Linear):
+            if m.bias is None:
+                return None
+            after = mods[i + 1] if i + 1 < len(mods) else None
+            is_last = not any(isinstance(x, nn.Linear) for x in mods[i + 1 :])
+            wants_relu = last_relu or not is_last
+            if wants_relu != isinstance(after, nn.ReLU):
+                return None
+            names.append(f"{prefix}.{i}")
+        elif not isinstance(m, nn.ReLU):
+            return None
+    return names
+
+
+def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tuple[str, ...]) -> Towers | None:
+    """The towers of a ``DLRM`` at ``params`` (missing names: the module's own), or None if the model
+    is not a structure the fast path knows (then use the vmap path)."""
+    if not isinstance(model, DLRM) or model.interaction not in ("dot", "concat"):
+        return None
+    bottom = _linear_names(model.bottom, "bottom", last_relu=True)
+    top = _linear_names(model.top, "top", last_relu=False)
+    if bottom is None or top is None or not top:
+        return None
+    own = dict(model.named_parameters())
+
+    def layers(names: list[str], group: str) -> list[Layer]:
+        get = lambda k: params[k] if k in params else own[k]  # noqa: E731
+        return [Layer(get(f"{p}.weight"), get(f"{p}.bias"), group in adapt_groups) for p in names]
+
+    flat = None
+    if model.interaction == "dot":
+        flat = model.triu_rows * (model.num_fields + (1 if model.bottom is not None else 0)) + model.triu_cols
+    return Towers(
+        layers(bottom, "bottom"), layers(top, "top"), model.interaction, model.dim, model.num_fields, flat
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dot interaction with a symmetric backward
+# --------------------------------------------------------------------------------------------------
+
+
+def _sym_from_pairs(g: Tensor, flat: Tensor, n: int) -> Tensor:
+    """(M, n(n-1)/2) pair values -> (M, n, n) symmetric matrix with them at (i, j) and (j, i)."""
+    m = g.new_zeros(g.shape[0], n * n).index_copy_(1, flat, g).view(-1, n, n)
+    return m + m.transpose(1, 2)
+
+
+class _DotInteraction(torch.autograd.Function):
+    """(M, n, d) vectors -> (M, n(n-1)/2) pairwise dot products (strict upper triangle).
+
+    autograd's own backward of ``v @ v.mT`` does two batched products, one with a transposed operand
+    (slow on CPU); this one uses ``dv = (G + G^T) v``.
+    """
+
+    @staticmethod
+    def forward(v: Tensor, flat: Tensor) -> Tensor:  # type: ignore[override]
+        n = v.shape[1]
+        return torch.bmm(v, v.transpose(1, 2)).view(-1, n * n).index_select(1, flat)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        v, flat = ctx.saved_tensors
+        return _DotInteractionGrad.apply(v, g, flat), None
+
+
+class _DotInteractionGrad(torch.autograd.Function):
+    """The backward of ``_DotInteraction`` as a differentiable op: (v, g) -> (G + G^T) v.
+
+    The inner loop calls it to get the support gradients w.r.t. the interaction's inputs; the outer
+    backward of second-order MAML differentiates it once more: dv = S dout (S symmetric), and
+    dg[(i, j)] = (dout v^T)[i, j] + (dout v^T)[j, i].
+    """
+
+    @staticmethod
+    def forward(v: Tensor, g: Tensor, flat: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.bmm(_sym_from_pairs(g, flat, v.shape[1]), v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        v, g, flat = ctx.saved_tensors
+        n = v.shape[1]
+        dv = dg = None
+        if ctx.needs_input_grad[0]:
+            dv = torch.bmm(_sym_from_pairs(g, flat, n), dout)
+        if ctx.needs_input_grad[1]:
+            p = torch.bmm(dout, v.transpose(1, 2))
+            dg = (p + p.transpose(1, 2)).reshape(-1, n * n).index_select(1, flat)
+        return dv, dg, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SetIndex:
+    """One set's ids as weighted row indices (multi-hot mean pooling as weights, padding weight 0).
+
+    sparse: (T, M, Fs) int64; multi_hot: (T, M, Fm, L) int64 (padding clamped to a valid row);
+    weight: (T, M, Fm, L) float, mask / count.
+    """
+
+    sparse: Tensor
+    multi_hot: Tensor
+    weight: Tensor
+
+    @property
+    def has_multi_hot(self) -> bool:
+        return self.multi_hot.shape[-2] > 0 and self.multi_hot.shape[-1] > 0
+
+
+def set_index(idx: LocalIndex, dtype: torch.dtype, pad_row: int = 0) -> SetIndex:
+    mask = idx.multi_hot_mask
+    count = mask.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+    weight = mask.to(dtype) / count
+    mh = torch.where(mask, idx.multi_hot, pad_row)
+    return SetIndex(idx.sparse, mh, weight)
+
+
+def gather(table: Tensor, ix: SetIndex) -> Tensor:
+    """(T, M, F, d) embeddings from a (R, d) table: sparse rows, then weighted sums of multi-hot rows.
+
+    ``index_select`` (backward: one ``index_add``) rather than advanced indexing into a padded copy
+    of the table: no copy of the table, no dense accumulate-put in the backward.
+    """
+    d = table.shape[-1]
+    sp = table.index_select(0, ix.sparse.reshape(-1)).view(*ix.sparse.shape, d)
+    if not ix.has_multi_hot:
+        return sp
+    mh = table.index_select(0, ix.multi_hot.reshape(-1)).view(*ix.multi_hot.shape, d)
+    mh = (mh * ix.weight.unsqueeze(-1)).sum(-2)
+    return torch.cat([sp, mh], dim=-2)
+
+
+def gather_sets(table: Tensor, a: SetIndex, b: SetIndex) -> tuple[Tensor, Tensor]:
+    """``gather`` of two sets with one ``index_select`` per kind (one ``index_add`` in the backward)."""
+    d = table.shape[-1]
+    na = a.sparse.numel()
+    sp = table.index_select(0, torch.cat([a.sparse.reshape(-1), b.sparse.reshape(-1)]))
+    ea, eb = sp[:na].view(*a.sparse.shape, d), sp[na:].view(*b.sparse.shape, d)
+    if not (a.has_multi_hot or b.has_multi_hot):
+        return ea, eb
+    ma = a.multi_hot.numel()
+    mh = table.index_select(0, torch.cat([a.multi_hot.reshape(-1), b.multi_hot.reshape(-1)]))
+    mha = (mh[:ma].view(*a.multi_hot.shape, d) * a.weight.unsqueeze(-1)).sum(-2)
+    mhb = (mh[ma:].view(*b.multi_hot.shape, d) * b.weight.unsqueeze(-1)).sum(-2)
+    return torch.cat([ea, mha], dim=-2), torch.cat([eb, mhb], dim=-2)
+
+
+@dataclass
+class TaskRows:
+    """Per-task adapted rows: the (task, row) pairs of the support sets, C of them.
+
+    support / query: the sets' indices into the (C + 1, d) delta table (C = a zero row for query ids
+    that the task's support never used, and for padding).
+    """
+
+    num: int
+    support: SetIndex
+    query: SetIndex
+
+
+def task_rows(sup: SetIndex, qry: SetIndex, num_rows: int) -> TaskRows:
+    T = sup.sparse.shape[0]
+    stride = num_rows + 1
+    base = torch.arange(T, device=sup.sparse.device) * stride
+
+    def keys(ix: SetIndex) -> tuple[Tensor, Tensor]:
+        return (
+            ix.sparse + base.view(T, *([1] * (ix.sparse.dim() - 1))),
+            ix.multi_hot + base.view(T, *([1] * (ix.multi_hot.dim() - 1))),
+        )
+
+    s_sp, s_mh = keys(sup)
+    uniq, inv = torch.unique(torch.cat([s_sp.reshape(-1), s_mh.reshape(-1)]), return_inverse=True)
+    c = int(uniq.numel())
+    n_sp = s_sp.numel()
+    s_ix = SetIndex(inv[:n_sp].view_as(s_sp), inv[n_sp:].view_as(s_mh), sup.weight)
+
+    def lookup(k: Tensor) -> Tensor:
+        if c == 0:
+            return torch.zeros_like(k)
+        pos = torch.searchsorted(uniq, k.reshape(-1)).clamp_(max=c - 1)
+        return torch.where(uniq[pos] == k.reshape(-1), pos, c).view_as(k)
+
+    q_sp, q_mh = keys(qry)
+    q_ix = SetIndex(lookup(q_sp), lookup(q_mh), qry.weight)
+    return TaskRows(c, s_ix, q_ix)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward and inner backward of the towers
+# --------------------------------------------------------------------------------------------------
+
+Factors = tuple[Tensor, Tensor]  # X (T, R, in), D (T, R, out)
+
+
+@dataclass
+class State:
+    """What the inner loop has learned so far: per adapted layer (index into bottom + top) the
+    stacked factors of all steps, and the delta of the tasks' own rows."""
+
+    factors: dict[int, Factors] = field(default_factory=dict)
+    row_delta: Tensor | None = None  # (C + 1, d)
+
+
+def linear(x: Tensor, layer: Layer, fac: Factors | None, lr: float) -> Tensor:
+    """(T, M, in) -> (T, M, out) at each task's adapted weights (shared ones if ``fac`` is None)."""
+    T, M, _ = x.shape
+    z = torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()).view(T, M, -1)
+    if fac is None:
+        return z
+    X, D = fac
+    return torch.baddbmm(z, torch.bmm(x, X.transpose(1, 2)).add_(1.0), D, alpha=-lr)
+
+
+def linear_input_grad(
+    delta: Tensor, layer: Layer, fac: Factors | None, lr: float, cols: int | None
+) -> Tensor:
+    """(T, S, out) output gradients -> (T, S, cols) gradients w.r.t. the first ``cols`` inputs."""
+    T, S, _ = delta.shape
+    w = layer.weight if cols is None else layer.weight[:, :cols]
+    g = (delta.reshape(T * S, -1) @ w).view(T, S, -1)
+    if fac is None:
+        return g
+    X, D = fac
+    if cols is not None:
+        X = X[..., :cols]
+    return torch.baddbmm(g, torch.bmm(delta, D.transpose(1, 2)), X, alpha=-lr)
+
+
+@dataclass
+class Cache:
+    """A set's forward at some state: each layer's input, the interaction's vectors, the logits."""
+
+    bottom_in: list[Tensor]
+    bottom_out: Tensor | None
+    emb: Tensor
+    top_in: list[Tensor]
+    logits: Tensor
+    vecs: Tensor | None = None  # dot: (T*M, n, d)
+
+
+def interaction(tw: Towers, bottom_out: Tensor | None, emb: Tensor) -> tuple[Tensor, Tensor | None]:
+    """(T, M, P) top-tower inputs, and the (T*M, n, d) vectors for ``dot``."""
+    T, M, F, d = emb.shape
+    vecs = emb if bottom_out is None else torch.cat([bottom_out.unsqueeze(-2), emb], dim=-2)
+    if tw.interaction == "concat":
+        return vecs.reshape(T, M, -1), None
+    assert tw.flat is not None
+    v = vecs.reshape(T * M, vecs.shape[-2], d)
+    pairs = _DotInteraction.apply(v, tw.flat).view(T, M, -1)
+    feats = pairs if bottom_out is None else torch.cat([bottom_out, pairs], dim=-1)
+    return feats, v
+
+
+def forward_set(
+    tw: Towers,
+    st: State,
+    lr: float,
+    emb: Tensor,
+    dense: Tensor,
+    feats: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
+) -> Cache:
+    """Logits of a (T, M) set at the state's adapted weights; ``feats`` reuses a computed
+    (top input, vecs, bottom output) when neither the bottom tower nor the embeddings adapt."""
+    n_bottom = len(tw.bottom)
+    bottom_in: list[Tensor] = []
+    bottom_out = None
+    if feats is None:
+        if tw.has_bottom:
+            h = dense
+            for i, layer in enumerate(tw.bottom):
+                bottom_in.append(h)
+                h = torch.relu(linear(h, layer, st.factors.get(i), lr))
+            bottom_out = h
+        x, vecs = interaction(tw, bottom_out, emb)
+    else:
+        x, vecs, bottom_out = feats
+    top_in = []
+    for j, layer in enumerate(tw.top):
+        top_in.append(x)
+        x = linear(x, layer, st.factors.get(n_bottom + j), lr)
+        if j < len(tw.top) - 1:
+            x = torch.relu(x)
+    return Cache(bottom_in, bottom_out, emb, top_in, x.squeeze(-1), vecs)
+
+
+@dataclass
+class InnerGrads:
+    """Support-loss gradients of one inner step: per adapted layer (input, output-gradient) pairs,
+    and the (T, S, F, d) gradients w.r.t. the support embeddings (if asked)."""
+
+    layers: dict[int, Factors]
+    emb: Tensor | None
+
+
+def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, need_emb: bool) -> InnerGrads:
+    """Backward of the support loss through the towers, by hand, down to the lowest adapted layer."""
+    n_bottom = len(tw.bottom)
+    need_bottom = any(x.adapted for x in tw.bottom)
+    out: dict[int, Factors] = {}
+    delta = dlogit.unsqueeze(-1)
+    go_below_top = need_bottom or need_emb
+    g_emb = None
+    for j in range(len(tw.top) - 1, -1, -1):
+        i = n_bottom + j
+        layer = tw.top[j]
+        if layer.adapted:
+            out[i] = (c.top_in[j], delta)
+        lower_top_adapted = any(x.adapted for x in tw.top[:j])
+        if j > 0:
+            if not (lower_top_adapted or go_below_top):
+                break
+            g = linear_input_grad(delta, layer, st.factors.get(i), lr, None)
+            delta = g * (c.top_in[j] > 0)
+            continue
+        if not go_below_top:
+            break
+        d = tw.dim
+        n = tw.n_vec
+        if need_emb:
+            g_feat = linear_input_grad(delta, layer, st.factors.get(i), lr, None)
+        else:  # only what reaches the bottom output: its d direct columns (+ its n-1 dot pairs)
+            cols = d if tw.interaction == "concat" else d + n - 1
+            g_feat = linear_input_grad(delta, layer, st.factors.get(i), lr, cols)
+        T, S = g_feat.shape[:2]
+        g_bottom = None
+        if tw.interaction == "concat":
+            if tw.has_bottom:
+                g_bottom = g_feat[..., :d]
+            if need_emb:
+                g_emb = g_feat[..., (d if tw.has_bottom else 0) :].reshape(T, S, tw.num_fields, d)
+        else:
+            assert tw.flat is not None and c.vecs is not None
+            off = d if tw.has_bottom else 0
+            if need_emb:
+                g_v = _DotInteractionGrad.apply(c.vecs, g_feat[..., off:].reshape(T * S, -1), tw.flat)
+                g_v = g_v.view(T, S, n, d)
+                if tw.has_bottom:
+                    g_bottom = g_feat[..., :d] + g_v[:, :, 0]
+                    g_emb = g_v[:, :, 1:]
+                else:
+                    g_emb = g_v
+            elif tw.has_bottom:  # d(pair (0, j))/d v_0 = v_j
+                pair0 = g_feat[..., d : d + n - 1].reshape(T * S, 1, n - 1)
+                g_bottom = g_feat[..., :d] + torch.bmm(pair0, c.emb.reshape(T * S, n - 1, d)).view(T, S, d)
+        if need_bottom and g_bottom is not None:
+            assert c.bottom_out is not None
+            delta = g_bottom * (c.bottom_out > 0)
+            for i in range(n_bottom - 1, -1, -1):
+                layer = tw.bottom[i]
+                if layer.adapted:
+                    out[i] = (c.bottom_in[i], delta)
+                if i == 0 or not any(x.adapted for x in tw.bottom[:i]):
+                    break
+                g = linear_input_grad(delta, layer, st.factors.get(i), lr, None)
+                delta = g * (c.bottom_in[i] > 0)
+    return InnerGrads(out, g_emb)
+
+
+def bce_grad(logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
+    """d(per-task masked-mean BCE)/d logits: (sigmoid(z) - y) * mask / count (0 at padding)."""
+    return torch.where(weight > 0, torch.sigmoid(logits) - label, 0.0) * weight
+
+
+def _emb_position_grads(g_emb: Tensor, ix: SetIndex, fs: int) -> tuple[Tensor, Tensor]:
+    """(T, S, F, d) embedding gradients -> flat (index, gradient) pairs of the table rows they hit."""
+    d = g_emb.shape[-1]
+    idx = [ix.sparse.reshape(-1)]
+    vals = [g_emb[:, :, :fs].reshape(-1, d)]
+    if ix.has_multi_hot:
+        idx.append(ix.multi_hot.reshape(-1))
+        vals.append((g_emb[:, :, fs:].unsqueeze(-2) * ix.weight.unsqueeze(-1)).reshape(-1, d))
+    return torch.cat(idx), torch.cat(vals)
+
+
+def _grow(fac: Factors | None, new: Factors) -> Factors:
+    if fac is None:
+        return new
+    return torch.cat([fac[0], new[0]], dim=1), torch.cat([fac[1], new[1]], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The meta step
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FastResult:
+    """query_logits (T, Q); support_logits (T, S) at the shared weights (attached when it carries a
+    gradient), or None when the inner loop did not run a support forward."""
+
+    query_logits: Tensor
+    support_logits: Tensor | None
+    inner_ran: bool
+
+
+def _set_weight(s: SetBatch, dtype: torch.dtype) -> Tensor:
+    m = s.mask
+    return m.to(dtype) / m.sum(-1, keepdim=True).clamp(min=1).to(dtype)
+
+
+def run_meta(
+    tw: Towers,
+    rows: Tensor,
+    lookup: EmbeddingLookup,
+    batch: TaskBatch,
+    *,
+    inner_steps: int,
+    inner_lr: float,
+    adapt_embeddings: bool,
+    second_order: bool,
+    track_grad: bool,
+    support_logits_grad: bool,
+) -> FastResult:
+    """Inner loop on every task's support set, then the query logits at the adapted weights.
+
+    Args:
+        tw: towers at the (attached) params.
+        rows: (U, d) looked-up rows.
+        second_order: keep the graph through the inner gradients (MAML); else they are constants.
+        track_grad: the query logits carry gradients to params/rows (training); False: evaluation.
+        support_logits_grad: the returned support logits must carry gradients (support loss term).
+    """
+    dtype = rows.dtype
+    lr = inner_lr
+    sup, qry = batch.support, batch.query
+    s_ix = set_index(lookup.support, dtype)
+    q_ix = set_index(lookup.query, dtype)
+    fs = s_ix.sparse.shape[-1]
+    adapts_dense = any(x.adapted for x in tw.bottom + tw.top)
+    steps = inner_steps if (adapts_dense or adapt_embeddings) else 0
+    s_dense, q_dense = sup.dense.to(dtype), qry.dense.to(dtype)
+
+    inner_tw = tw if second_order else tw.detached()
+    inner_rows = rows if second_order else rows.detach()
+    attach_s0 = second_order or support_logits_grad
+
+    # Embeddings: one gather for both sets when both carry gradients, else separately.
+    if attach_s0 and track_grad:
+        e_s0, e_q0 = gather_sets(rows, s_ix, q_ix)
+    else:
+        e_q0 = gather(rows if track_grad else rows.detach(), q_ix)
+        e_s0 = None
+    tr = task_rows(s_ix, q_ix, rows.shape[0]) if (adapt_embeddings and steps > 0) else None
+
+    st = State()
+    # ANIL-like: neither the bottom tower nor the embeddings adapt -> the top input is fixed.
+    fixed_feats = steps > 0 and not adapt_embeddings and not any(x.adapted for x in tw.bottom)
+    support_logits = None
+    s_feats = None
+    weight_s = _set_weight(sup, dtype)
+    label_s = sup.label.to(dtype)
+    for k in range(steps):
+        grad_ctx = torch.enable_grad() if (second_order or (k == 0 and attach_s0)) else torch.no_grad()
+        with grad_ctx:
+            if k == 0:
+                if e_s0 is None:
+                    e_s0 = gather(rows if attach_s0 else inner_rows, s_ix)
+                e_s = e_s0
+                c = forward_set(tw if attach_s0 else inner_tw, st, lr, e_s, s_dense)
+                support_logits = c.logits
+                if not second_order and attach_s0:
+                    c = _detach_cache(c)
+                if fixed_feats:
+                    s_feats = (c.top_in[0], c.vecs, c.bottom_out)
+            else:
+                e_s = e_s0 if tr is None else e_s0 + gather(st.row_delta, tr.support)
+                if not second_order:
+                    e_s = e_s.detach()
+                c = forward_set(inner_tw, st, lr, e_s, s_dense, s_feats)
+        with torch.enable_grad() if second_order else torch.no_grad():
+            dlogit = bce_grad(c.logits, label_s, weight_s)
+            g = inner_backward(inner_tw, st, lr, c, dlogit, need_emb=tr is not None)
+            for i, f in g.layers.items():
+                st.factors[i] = _grow(st.factors.get(i), f)
+            if tr is not None and g.emb is not None:
+                idx, vals = _emb_position_grads(g.emb, tr.support, fs)
+                d = rows.shape[-1]
+                upd = torch.zeros(tr.num + 1, d, dtype=dtype, device=rows.device).index_add(0, idx, vals)
+                st.row_delta = -lr * upd if st.row_delta is None else st.row_delta - lr * upd
+
+    if steps == 0 and support_logits_grad:
+        e_s0 = gather(rows, s_ix) if e_s0 is None else e_s0
+        support_logits = forward_set(tw, st, lr, e_s0, s_dense).logits
+    # The query forward: attached params (training) with the inner loop's factors.
+    with torch.enable_grad() if track_grad else torch.no_grad():
+        q_tw = tw if track_grad else tw.detached()
+        e_q = e_q0
+        if tr is not None and st.row_delta is not None:
+            e_q = e_q0 + gather(st.row_delta, tr.query)
+        cq = forward_set(q_tw, st, lr, e_q, q_dense)
+    return FastResult(cq.logits, support_logits, steps > 0)
+
+
+def _detach_cache(c: Cache) -> Cache:
+    d = lambda t: None if t is None else t.detach()  # noqa: E731
+    return Cache(
+        [x.detach() for x in c.bottom_in],
+        d(c.bottom_out),
+        c.emb.detach(),
+        [x.detach() for x in c.top_in],
+        c.logits.detach(),
+        d(c.vecs),
+    )
+
+
+def cat_sets(a: SetIndex, b: SetIndex) -> SetIndex:
+    """Two sets' indices as one (T, Ma + Mb, ...) set (multi-hot lists padded to one length)."""
+    la, lb = a.multi_hot.shape[-1], b.multi_hot.shape[-1]
+    if la != lb:
+        L = max(la, lb)
+
+        def pad(ix: SetIndex) -> SetIndex:
+            k = L - ix.multi_hot.shape[-1]
+            return SetIndex(
+                ix.sparse,
+                torch.nn.functional.pad(ix.multi_hot, (0, k)),
+                torch.nn.functional.pad(ix.weight, (0, k)),
+            )
+
+        a, b = pad(a), pad(b)
+    return SetIndex(
+        torch.cat([a.sparse, b.sparse], dim=1),
+        torch.cat([a.multi_hot, b.multi_hot], dim=1),
+        torch.cat([a.weight, b.weight], dim=1),
+    )
+
+
+def shared_logits(tw: Towers, rows: Tensor, idx: LocalIndex, s: SetBatch) -> Tensor:
+    """(T, M) logits of one set at the shared weights."""
+    emb = gather(rows, set_index(idx, rows.dtype))
+    return forward_set(tw, State(), 0.0, emb, s.dense.to(rows.dtype)).logits
+
+
+def plain_logits(
+    tw: Towers, rows: Tensor, lookup: EmbeddingLookup, batch: TaskBatch
+) -> tuple[Tensor, Tensor]:
+    """(T, S) support and (T, Q) query logits at the shared weights: one forward over both sets."""
+    dtype = rows.dtype
+    ix = cat_sets(set_index(lookup.support, dtype), set_index(lookup.query, dtype))
+    S = batch.support.mask.shape[1]
+    dense = torch.cat([batch.support.dense, batch.query.dense], dim=1).to(dtype)
+    logits = forward_set(tw, State(), 0.0, gather(rows, ix), dense).logits
+    return logits[:, :S], logits[:, S:]
