@@ -46,9 +46,6 @@ from gmeta.meta.module import MetaDLRMModule
 
 log = logging.getLogger(__name__)
 
-#: Columns of the score table besides the key and item columns.
-SCORE_COLUMNS: tuple[str, ...] = ("score", "score_plain", "rank", "support_size", "adapted", "user_known")
-
 
 class ServeError(SchemaError):
     """Bad serving input (file, row, column named) or a checkpoint without a usable vocabulary."""
@@ -566,8 +563,14 @@ class FewShotAdapter:
                 "%s: %d user(s) have no candidates and are skipped: %s", sup_name, len(orphans), orphans[:5]
             )
 
+        # "known" = the user id has its own trained row; meaningless for a hashed id (always a bucket)
         task_key_col = next(
-            (j for j, f in enumerate(self.schema.sparse) if f.name == self.schema.task_key), None
+            (
+                j
+                for j, f in enumerate(self.schema.sparse)
+                if f.name == self.schema.task_key and f.hash_buckets == 0
+            ),
+            None,
         )
         tasks = []
         for k, cand_rows in cand_groups.items():
@@ -656,7 +659,7 @@ class FewShotAdapter:
             One row per candidate, in the candidates' input order: the key, the item column (if any),
             ``score`` (probability after adaptation), ``score_plain``, ``rank`` (1 = best, per user),
             ``support_size``, ``adapted`` (False when the user had no support rows: plain score),
-            ``user_known`` (the user id has a trained embedding; None if the key is not a model field).
+            ``user_known`` (the user id has a trained embedding; None if the task key is not an unhashed sparse field).
         """
         key = key or self.schema.task_key
         candidates = candidates.reset_index(drop=True)

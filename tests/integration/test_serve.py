@@ -22,8 +22,17 @@ import torch
 
 from gmeta.cli import main as cli_main
 from gmeta.data.datamodule import TaskDataModule
+from gmeta.data.sources.synthetic import SyntheticSource
+from gmeta.data.tasks import TaskConfig, build_tasks
 from gmeta.meta.module import MetaDLRMModule
-from gmeta.serve import FewShotAdapter, ServeError, fill_candidate_features, load_encoding
+from gmeta.serve import (
+    Encoding,
+    FewShotAdapter,
+    ServeError,
+    encode_rows,
+    fill_candidate_features,
+    load_encoding,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6
@@ -114,6 +123,13 @@ def adapter(trained: dict) -> FewShotAdapter:
     return FewShotAdapter.from_checkpoint(trained["ckpt"], data_dir=trained["data_dir"], batch_users=64)
 
 
+@pytest.fixture(scope="module")
+def full_scores(adapter, raw_tasks) -> pd.DataFrame:
+    """Every test task scored by the API in one call."""
+    support, candidates = raw_tasks
+    return adapter.score(support, candidates, key="task")
+
+
 def _by_task(scores: pd.DataFrame, column: str = "score") -> dict[str, np.ndarray]:
     return {k: g[column].to_numpy(dtype=np.float64) for k, g in scores.groupby("task", sort=False)}
 
@@ -124,9 +140,9 @@ def _max_diff(got: dict[str, np.ndarray], want: dict[str, np.ndarray], which: in
 
 
 # -- equality with the evaluation path ---------------------------------------------------------------
-def test_serve_equals_evaluation_path(adapter, raw_tasks, eval_scores) -> None:
-    support, candidates = raw_tasks
-    scores = adapter.score(support, candidates, key="task")
+def test_serve_equals_evaluation_path(full_scores, raw_tasks, eval_scores) -> None:
+    _, candidates = raw_tasks
+    scores = full_scores
     assert len(scores) == len(candidates)
     assert (scores["task"].to_numpy() == candidates["task"].to_numpy()).all()  # input order
     assert (scores["item_id"].to_numpy() == candidates["item_id"].astype(str).to_numpy()).all()
@@ -145,9 +161,8 @@ def test_serve_equals_evaluation_path(adapter, raw_tasks, eval_scores) -> None:
     assert all(r == list(range(1, len(r) + 1)) for r in ranks)
 
 
-def test_user_known_follows_the_training_vocabulary(adapter, raw_tasks) -> None:
-    support, candidates = raw_tasks
-    scores = adapter.score(support, candidates, key="task")
+def test_user_known_follows_the_training_vocabulary(full_scores) -> None:
+    scores = full_scores
     state = scores["task"].str.split("/").str[1]
     # new users never appear in training: their id is the OOV row; warm users have a trained row
     assert not scores.loc[state.isin(["user_cold", "user_item_cold"]), "user_known"].any()
@@ -251,6 +266,50 @@ def test_vocabulary_stored_in_the_checkpoint_is_used(tmp_path, trained, adapter,
     keys = candidates["task"].unique()[:5]
     sup, cand = support[support.task.isin(keys)], candidates[candidates.task.isin(keys)]
     pd.testing.assert_frame_equal(own.score(sup, cand, key="task"), adapter.score(sup, cand, key="task"))
+
+
+# -- encoding: value for value what training wrote -----------------------------------------------
+def _assert_encodes_like_training(df: pd.DataFrame, splits, threshold: float | None) -> None:
+    enc = Encoding(splits.schema, splits.vocabs, threshold, None, "test")
+    got = encode_rows(df, enc, splits.schema.task_key, "table", with_label=True)  # all rows at once
+    for split in ("train", "test"):
+        records = {r.task_id: r for r in splits.split(split)}
+        for task_id, (s, q) in splits.rows[split].items():
+            for which, rows in (("support", s), ("query", q)):
+                for name in ("sparse", "multi_hot", "dense", "label"):
+                    np.testing.assert_array_equal(
+                        getattr(got, name)[rows],
+                        records[task_id].arrays[f"{which}.{name}"],
+                        err_msg=f"{task_id} {which}.{name}",
+                    )
+
+
+def test_encoding_matches_the_training_records(ml_table, small_splits) -> None:
+    """Sparse (incl. OOV for cold users/items), multi-hot, dense and thresholded labels."""
+    df, _ = ml_table
+    _assert_encodes_like_training(df, small_splits, 4.0)
+
+
+def test_encoding_matches_training_for_hashed_fields() -> None:
+    df, schema = SyntheticSource(
+        schema="criteo", num_users=20, num_items=40, vocab_sizes=30, hash_buckets=16, min_interactions=14
+    ).load()
+    cfg = TaskConfig(
+        label_threshold=0.5, query_size=4, new_user_quantile=None, new_item_rule=None, item_key=None
+    )
+    splits = build_tasks(df, schema, cfg)
+    assert all(f.hash_buckets == 16 for f in splits.schema.sparse)
+    _assert_encodes_like_training(df, splits, 0.5)
+
+
+def test_multi_hot_json_lists_equal_joined_strings(adapter, raw_tasks) -> None:
+    support, candidates = raw_tasks
+    key = candidates["task"].iloc[0]
+    sup, cand = support[support.task == key], candidates[candidates.task == key]
+    as_lists = cand.assign(genre=[g.split(" ") for g in cand["genre"]])
+    pd.testing.assert_frame_equal(
+        adapter.score(sup, as_lists, key="task"), adapter.score(sup, cand, key="task")
+    )
 
 
 # -- special cases ---------------------------------------------------------------------------------
