@@ -17,7 +17,7 @@ from gmeta.data.tasks import SPLITS
 def _module(shard_dir, rank=0, world=1, workers=0, **kw) -> TaskDataModule:
     dm = TaskDataModule(
         shard_dir,
-        batch_tasks=4,
+        batch_tasks=6,  # global meta-batch: divisible by the 1, 2, 3 simulated ranks
         eval_batch_tasks=6,
         num_workers=workers,
         shuffle_buffer=8,
@@ -58,7 +58,7 @@ def test_each_task_read_exactly_once_across_ranks_and_workers(shard_dir, small_s
             n_batches = 0
             for batch in loader:
                 assert isinstance(batch, TaskBatch)
-                assert batch.num_tasks <= (4 if split == "train" else 6)
+                assert batch.num_tasks <= 6 // world  # the global meta-batch split over ranks
                 n_batches += 1
                 for tid, arrays in _unpad(batch):
                     seen[tid] += 1
@@ -142,3 +142,10 @@ def test_prepare_data_builds_from_source(tmp_path, ml_synthetic_source, small_ta
     batch = next(iter(dm.train_dataloader()))
     assert batch.num_tasks == dm.manifest.num_tasks("train") == 82
     assert batch.support.sparse.dtype == torch.int64 and batch.support.multi_hot.shape[2:] == (1, 6)
+
+
+def test_batch_tasks_is_the_global_meta_batch(shard_dir):
+    per_rank = [_module(shard_dir, rank, 2).dataset("train").batch_tasks for rank in range(2)]
+    assert per_rank == [3, 3]  # 6 tasks per meta-step over both ranks
+    with pytest.raises(ValueError, match=r"batch_tasks=6 is the meta-batch over all ranks .* world size 4"):
+        _module(shard_dir, 0, 4).dataset("train")

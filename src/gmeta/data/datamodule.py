@@ -229,7 +229,9 @@ class TaskDataModule(L.LightningDataModule):
 
     Args:
         data_dir: folder holding ``manifest.json`` and the shards.
-        batch_tasks / eval_batch_tasks: tasks per training / evaluation batch.
+        batch_tasks / eval_batch_tasks: tasks per training / evaluation meta-batch, over ALL ranks
+            (each of W ranks takes ``batch_tasks / W``; must divide), so an experiment keeps its
+            meta-batch, and so its learning dynamics, on 1 or W processes.
         num_workers: DataLoader worker processes per rank.
         shuffle_buffer: tasks in the training shuffle buffer.
         seed: shuffle seed of the training stream.
@@ -317,11 +319,18 @@ class TaskDataModule(L.LightningDataModule):
             raise RuntimeError("TaskDataModule.setup() must run before the dataloaders are built")
         rank, world = self.rank_world()
         train = split == "train"
+        global_batch = self.batch_tasks if train else self.eval_batch_tasks
+        if global_batch % world:
+            name = "batch_tasks" if train else "eval_batch_tasks"
+            raise ValueError(
+                f"data.{name}={global_batch} is the meta-batch over all ranks and must be divisible by the "
+                f"world size {world}"
+            )
         return TaskStreamDataset(
             shards=self.manifest.shard_paths(split),
             shard_tasks=[s["tasks"] for s in self.manifest.shards(split)],
             schema=self.schema,
-            batch_tasks=self.batch_tasks if train else self.eval_batch_tasks,
+            batch_tasks=global_batch // world,
             shuffle=train,
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
