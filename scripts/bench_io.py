@@ -4,20 +4,29 @@ Measures, on the train split of the MovieLens task shards (``data/movielens1m/sh
 they are absent or ``--synthetic`` is given, on synthetic MovieLens-like shards built into a temp
 dir with ``prepare_shards(SyntheticSource(...), TaskConfig(), out_dir)``:
 
-* ``loader_w{0,1,2}``: one pass over the train split through ``TaskDataModule.train_dataloader()``
-  with 0, 1 and 2 DataLoader workers (shard reading, WebDataset decoding, validation, shuffling,
-  collation to ``TaskBatch``); the time includes worker start-up.
-* ``naive``: the pipeline a non-task-grouped DLRM setup would have: the same interactions as one
-  per-interaction row table (a CSV written once to a temp dir, rows in random order, ids already
-  encoded), read with pandas each epoch, grouped by task, and per batch each task's rows sorted by
-  time, split into support / query (the last ``query_size``), turned into arrays and collated with
-  the same ``collate_tasks``. In-process (no workers); the time includes ``read_csv``.
+* ``loader_w{0,1,2}``: one epoch over the train split through ``TaskDataModule.train_dataloader()``
+  with 0, 1 and 2 DataLoader workers (shard reading, decoding, validation, shuffling, collation to
+  ``TaskBatch``, and for workers the transfer to the main process); the time includes worker
+  start-up, which happens every epoch (workers are not persistent).
+* ``naive``: what a pipeline without task-grouped storage does each epoch: read the same
+  interactions from a per-interaction row table (a CSV written once to a temp dir, rows in random
+  order, ids already encoded) with pandas, group them by task with one stable sort on
+  (task, time), turn the columns into numpy arrays once, then per batch slice each task's rows
+  (support, then the last ``query_size`` as query) into ``TaskRecord`` views and collate them with
+  ``collate_tasks`` (the per-record collation serving uses). No per-task pandas calls.
+* ``naive_vec``: the same read and sort, then the strongest in-memory grouping we could write:
+  the support/query split of all tasks as vectorised gathers into one ``TaskChunk`` and the
+  loader's own vectorised ``collate_chunk_tasks``. It bounds what a row-table pipeline can do at
+  this scale (all rows in memory; at production scale the per-epoch global sort is the cost that
+  task-grouped shards remove).
 * ``consumed``: what training eats: tasks/s and samples/s of one second-order MAML training step of
   the MovieLens model (``scripts/bench_train.py``'s ``maml`` variant, same batch size) on batches
-  from these shards.
+  from these shards, with the meta-step implementation currently in the tree.
 
-Ratios (tasks/s): ``loader/consumed`` (> 1: the loader keeps up with training) and
-``loader/naive``, for each worker count.
+Loader and naive passes run ``--repeat`` times, round-robin, and the median pass is reported (the
+machine is shared; medians of interleaved runs resist drift). Ratios (tasks/s): ``loader/consumed``
+(issue 4 target >= 3: the loader keeps up with training with room to spare), ``loader/naive``
+(target >= 5) and ``loader/naive_vec``, for each worker count.
 
 Run::
 
@@ -35,7 +44,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +52,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from gmeta.data.batch import TaskBatch, TaskRecord, collate_tasks
+from gmeta.data.batch import SET_ARRAYS, TaskBatch, TaskChunk, TaskRecord, collate_chunk_tasks, collate_tasks
 from gmeta.data.datamodule import TaskDataModule
-from gmeta.data.shards import iter_shard, prepare_shards, read_manifest
+from gmeta.data.schema import STATES
+from gmeta.data.shards import prepare_shards, read_manifest, read_shard
 from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.tasks import TaskConfig
 
@@ -84,28 +94,33 @@ def time_batches(batches: Iterable[TaskBatch], max_batches: int | None) -> tuple
 
 
 def write_row_table(data_dir: Path, out_csv: Path, seed: int) -> dict[str, Any]:
-    """Flatten the train tasks into one row per interaction (random row order) and write a CSV."""
+    """Flatten the train tasks into one row per interaction (random row order) and write a CSV.
+
+    Columns: task, state, time (position in the task: support rows first, then the query rows),
+    label, s0.. (sparse ids), m{field}_{k} (multi-hot ids, -1 = padding), d0.. (dense).
+    """
     manifest = read_manifest(data_dir)
     schema = manifest.schema
     frames = []
     for path, shard in zip(manifest.shard_paths("train"), manifest.shards("train"), strict=True):
-        for r in iter_shard(path, schema, expected_tasks=shard["tasks"]):
-            for which in ("support", "query"):
-                a = r.arrays
-                n = a[f"{which}.label"].shape[0]
-                cols: dict[str, Any] = {"task": r.task_id, "state": r.state}
-                base = 0 if which == "support" else r.num("support")
-                cols["time"] = np.arange(base, base + n)
-                cols["label"] = a[f"{which}.label"]
-                for j in range(a[f"{which}.sparse"].shape[1]):
-                    cols[f"s{j}"] = a[f"{which}.sparse"][:, j]
-                mh = a[f"{which}.multi_hot"]
-                for f in range(mh.shape[1]):
-                    for k in range(mh.shape[2]):
-                        cols[f"m{f}_{k}"] = mh[:, f, k]
-                for j in range(a[f"{which}.dense"].shape[1]):
-                    cols[f"d{j}"] = a[f"{which}.dense"][:, j]
-                frames.append(pd.DataFrame(cols))
+        c = read_shard(path, schema, expected_tasks=shard["tasks"])
+        ns = c.sizes("support")
+        for which, base in (("support", np.zeros_like(ns)), ("query", ns)):
+            n = c.sizes(which)
+            a = {name: c.arrays[f"{which}.{name}"] for name in SET_ARRAYS}
+            total = int(n.sum())
+            within = np.arange(total) - np.repeat(c.offsets[which][:-1], n)
+            cols: dict[str, Any] = {
+                "task": np.repeat(np.array(c.task_ids, dtype=object), n),
+                "state": np.repeat(np.array(STATES, dtype=object)[c.states], n),
+                "time": np.repeat(base, n) + within,
+                "label": a["label"],
+            }
+            cols.update({f"s{j}": a["sparse"][:, j] for j in range(a["sparse"].shape[1])})
+            mh = a["multi_hot"]
+            cols.update({f"m{f}_{k}": mh[:, f, k] for f in range(mh.shape[1]) for k in range(mh.shape[2])})
+            cols.update({f"d{j}": a["dense"][:, j] for j in range(a["dense"].shape[1])})
+            frames.append(pd.DataFrame(cols))
     df = pd.concat(frames, ignore_index=True)
     df = df.iloc[np.random.default_rng(seed).permutation(len(df))]
     df.to_csv(out_csv, index=False)
@@ -119,30 +134,60 @@ def write_row_table(data_dir: Path, out_csv: Path, seed: int) -> dict[str, Any]:
     }
 
 
-def naive_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int) -> Iterator[TaskBatch]:
-    """Read rows, group by task, build support/query arrays per batch, collate."""
+def _load_grouped(csv: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Read the row table and group it by task: one stable sort on (task, time), numpy columns."""
     df = pd.read_csv(csv)
-    groups = df.groupby("task").indices
-    keys = np.array(sorted(groups))
-    np.random.default_rng(seed).shuffle(keys)
-    s_cols = [f"s{j}" for j in range(meta["num_sparse"])]
+    df = df.sort_values(["task", "time"], kind="stable")
+    task = df["task"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, task[1:] != task[:-1]])
     fm, length = meta["multi_hot"]
-    m_cols = [f"m{f}_{k}" for f in range(fm) for k in range(length)]
-    d_cols = [f"d{j}" for j in range(meta["num_dense"])]
+    return {
+        "task": task[starts].astype(str),
+        "state": df["state"].to_numpy()[starts].astype(str),
+        "bounds": np.r_[starts, len(df)],
+        "sparse": df[[f"s{j}" for j in range(meta["num_sparse"])]].to_numpy(np.int64),
+        "multi_hot": df[[f"m{f}_{k}" for f in range(fm) for k in range(length)]]
+        .to_numpy(np.int64)
+        .reshape(len(df), fm, length),
+        "dense": df[[f"d{j}" for j in range(meta["num_dense"])]].to_numpy(np.float32),
+        "label": df["label"].to_numpy(np.float32),
+    }
+
+
+def naive_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int) -> Iterator[TaskBatch]:
+    """Read rows, group by task (one sort), per batch slice each task's rows and ``collate_tasks``."""
+    g = _load_grouped(csv, meta)
+    order = np.random.default_rng(seed).permutation(len(g["task"]))
     q = meta["query_size"]
-    for start in range(0, len(keys), batch_tasks):
+    for start in range(0, len(order), batch_tasks):
         records = []
-        for key in keys[start : start + batch_tasks]:
-            rows = df.iloc[groups[key]].sort_values("time")
-            n_support = len(rows) - q
+        for t in order[start : start + batch_tasks]:
+            lo, hi = int(g["bounds"][t]), int(g["bounds"][t + 1])
             arrays: dict[str, np.ndarray] = {}
-            for which, part in (("support", rows.iloc[:n_support]), ("query", rows.iloc[n_support:])):
-                arrays[f"{which}.sparse"] = part[s_cols].to_numpy(np.int64)
-                arrays[f"{which}.multi_hot"] = part[m_cols].to_numpy(np.int64).reshape(len(part), fm, length)
-                arrays[f"{which}.dense"] = part[d_cols].to_numpy(np.float32)
-                arrays[f"{which}.label"] = part["label"].to_numpy(np.float32)
-            records.append(TaskRecord(task_id=str(key), state=str(rows["state"].iloc[0]), arrays=arrays))
+            for which, a, b in (("support", lo, hi - q), ("query", hi - q, hi)):
+                for name in SET_ARRAYS:
+                    arrays[f"{which}.{name}"] = g[name][a:b]
+            records.append(TaskRecord(task_id=str(g["task"][t]), state=str(g["state"][t]), arrays=arrays))
         yield collate_tasks(records)
+
+
+def naive_vec_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int) -> Iterator[TaskBatch]:
+    """Read rows, group by task (one sort), split all tasks with gathers, vectorised collation."""
+    g = _load_grouped(csv, meta)
+    q = meta["query_size"]
+    lo, hi = g["bounds"][:-1], g["bounds"][1:]
+    offsets, arrays = {}, {}
+    for which, a, b in (("support", lo, hi - q), ("query", hi - q, hi)):
+        n = b - a
+        offsets[which] = np.r_[0, np.cumsum(n)]
+        rows = np.repeat(a - offsets[which][:-1], n) + np.arange(int(n.sum()))
+        for name in SET_ARRAYS:
+            arrays[f"{which}.{name}"] = g[name][rows]
+    states = np.array([STATES.index(s) for s in g["state"]], dtype=np.int64)
+    chunk = TaskChunk(task_ids=[str(t) for t in g["task"]], states=states, offsets=offsets, arrays=arrays)
+    order = np.random.default_rng(seed).permutation(chunk.num_tasks)
+    for start in range(0, len(order), batch_tasks):
+        yield collate_chunk_tasks([(chunk, int(i)) for i in order[start : start + batch_tasks]])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +217,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-tasks", type=int, default=32, help="tasks per batch (the MovieLens default)")
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--max-batches", type=int, default=None, help="stop each pass after this many batches")
-    p.add_argument("--consume-steps", type=int, default=4, help="timed MAML steps for 'consumed'")
+    p.add_argument("--repeat", type=int, default=5, help="passes per loader / naive variant (median kept)")
+    p.add_argument("--consume-steps", type=int, default=6, help="timed MAML steps for 'consumed'")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
@@ -200,24 +246,44 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"{manifest.data['splits']['train']['samples']} samples, {len(manifest.shards('train'))} shards",
             flush=True,
         )
-        results: list[dict] = []
+        t0 = time.perf_counter()
+        meta = write_row_table(data_dir, tmp / "rows.csv", args.seed)
+        print(f"row table: {meta['rows']} rows written in {time.perf_counter() - t0:.1f}s", flush=True)
 
+        # every pass is a fresh epoch of a fresh loader / a fresh read of the row table
+        passes: dict[str, Callable[[int], Iterable[TaskBatch]]] = {}
         for w in [int(x) for x in args.workers.split(",") if x != ""]:
             dm = TaskDataModule(
                 data_dir=data_dir, batch_tasks=args.batch_tasks, num_workers=w, verify_checksums=False
             )
             dm.setup()
-            stats = time_batches(dm.train_dataloader(), args.max_batches)
-            results.append(result(f"loader_w{w}", *stats, workers=w))
-            print(f"loader with {w} workers: {stats[0]:.2f}s", flush=True)
-
-        t0 = time.perf_counter()
-        meta = write_row_table(data_dir, tmp / "rows.csv", args.seed)
-        print(f"row table: {meta['rows']} rows written in {time.perf_counter() - t0:.1f}s", flush=True)
-        stats = time_batches(
-            naive_batches(tmp / "rows.csv", meta, args.batch_tasks, args.seed), args.max_batches
-        )
-        results.append(result("naive", *stats, workers=0))
+            passes[f"loader_w{w}"] = lambda rep, dm=dm: dm.train_dataloader()
+        csv = tmp / "rows.csv"
+        passes["naive"] = lambda rep: naive_batches(csv, meta, args.batch_tasks, args.seed + rep)
+        passes["naive_vec"] = lambda rep: naive_vec_batches(csv, meta, args.batch_tasks, args.seed + rep)
+        runs: dict[str, list[tuple[float, int, int, int]]] = {v: [] for v in passes}
+        for rep in range(args.repeat):
+            for variant, make in passes.items():
+                runs[variant].append(time_batches(make(rep), args.max_batches))
+            print(
+                f"pass {rep + 1}/{args.repeat}: "
+                + ", ".join(f"{v} {r[-1][0]:.3f}s" for v, r in runs.items()),
+                flush=True,
+            )
+        results: list[dict] = []
+        for variant, stats in runs.items():
+            mid = sorted(stats)[len(stats) // 2]  # the median pass (by time) and its counts
+            workers = int(variant.removeprefix("loader_w")) if variant.startswith("loader_w") else 0
+            results.append(
+                result(
+                    variant,
+                    *mid,
+                    workers=workers,
+                    seconds_min=min(s[0] for s in stats),
+                    seconds_max=max(s[0] for s in stats),
+                    passes=len(stats),
+                )
+            )
 
         train_args = bench_train.parse_args(
             [
@@ -225,7 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"--movielens-dir={data_dir}",
                 f"--movielens-tasks={args.batch_tasks}",
                 f"--steps={args.consume_steps}",
-                "--warmup=1",
+                "--warmup=2",
                 "--variants=maml",
                 f"--num-batches={min(4, args.consume_steps)}",
             ]
@@ -248,6 +314,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "samples": r["samples_per_step"],
                     "workers": 0,
                     "step": "maml (movielens model, second order)",
+                    "step_ms_min": r.get("step_ms_min"),
                 }
             )
 
@@ -256,17 +323,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in results:
         if r["variant"].startswith("loader_"):
             w = r["variant"].removeprefix("loader_")
-            ratios[f"loader_{w}/consumed"] = by[r["variant"]] / by["consumed"] if "consumed" in by else None
-            ratios[f"loader_{w}/naive"] = by[r["variant"]] / by["naive"] if "naive" in by else None
+            for base in ("consumed", "naive", "naive_vec"):
+                ratios[f"loader_{w}/{base}"] = by[r["variant"]] / by[base] if base in by else None
 
     print()
-    header = f"{'variant':<10} {'tasks/s':>10} {'samples/s':>11} {'seconds':>8} {'batches':>7} {'tasks':>6}"
+    header = (
+        f"{'variant':<10} {'tasks/s':>10} {'samples/s':>11} {'seconds':>8} {'min':>7} {'max':>7} "
+        f"{'batches':>7} {'tasks':>6}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
+        lo, hi = r.get("seconds_min", r["seconds"]), r.get("seconds_max", r["seconds"])
         print(
-            f"{r['variant']:<10} {r['tasks_per_s']:>10.1f} {r['samples_per_s']:>11.1f} {r['seconds']:>8.2f} "
-            f"{r['batches']:>7} {r['tasks']:>6}"
+            f"{r['variant']:<10} {r['tasks_per_s']:>10.1f} {r['samples_per_s']:>11.1f} {r['seconds']:>8.3f} "
+            f"{lo:>7.3f} {hi:>7.3f} {r['batches']:>7} {r['tasks']:>6}"
         )
     print(", ".join(f"{k} {v:.2f}" for k, v in ratios.items() if isinstance(v, float)) + " (tasks/s ratios)")
     print()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,15 @@ import pandas as pd
 import pytest
 
 from gmeta.data.schema import SchemaError
-from gmeta.data.shards import MANIFEST, ShardError, iter_shard, read_manifest, verify_shards, write_tar
+from gmeta.data.shards import (
+    MANIFEST,
+    ShardError,
+    encode_record,
+    iter_shard,
+    read_manifest,
+    verify_shards,
+    write_tar,
+)
 from gmeta.data.sources.tabular import TabularSource
 from gmeta.data.tasks import TaskConfig, build_tasks
 
@@ -155,10 +165,8 @@ def test_truncated_shard_is_an_error_not_a_skip(tmp_path, shard_dir):
     m = read_manifest(_copy_shards(shard_dir, tmp_path))
     path, info = m.shard_paths("train")[1], m.shards("train")[1]
     data = path.read_bytes()
-    import tarfile
-
     with tarfile.open(path) as tf:
-        boundary = [t.offset for t in tf.getmembers()][9 * 3]  # first member of the 4th task
+        boundary = [t.offset for t in tf.getmembers()][3]  # the 4th task (one member per task)
     for cut, pattern in [
         (len(data) // 2, "corrupt or truncated tar"),
         (boundary, "yielded 3 tasks, manifest says 20"),
@@ -224,6 +232,85 @@ def test_manifest_mismatches(tmp_path, shard_dir):
 def test_manifest_wrong_format(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"format": "other", "format_version": 1}))
     with pytest.raises(
-        ShardError, match=r"manifest.json: format 'other' v1, expected 'gmeta-task-shards' v1"
+        ShardError, match=r"manifest.json: format 'other' v1, expected 'gmeta-task-shards' v2"
     ):
         read_manifest(tmp_path)
+
+
+# -- format-2 records and tar structure ----------------------------------------------------------
+def _raw_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_format1_member_is_rejected_with_rebuild_hint(tmp_path, small_splits):
+    path = _raw_tar(tmp_path / "old.tar", [("00000000_u1.meta.json", b"{}")])
+    with pytest.raises(
+        ShardError,
+        match=r"old.tar: corrupt .* after 0 tasks \(member '00000000_u1.meta.json' is not .*rebuilt",
+    ):
+        list(iter_shard(path, small_splits.schema))
+
+
+def test_malformed_records(tmp_path, small_splits):
+    rec = small_splits.train[0]
+    blob = encode_record(rec)
+    schema = small_splits.schema
+    cases = [
+        (b"XXXX" + blob[4:], r"record '00000000_a' in bad.tar: not a format-v2 task record"),
+        (
+            blob + bytes(8),
+            rf"task {rec.task_id} in bad.tar: record is {len(blob) + 8} bytes, its header describes",
+        ),
+        (blob[:100], r"record '00000000_a' in bad.tar: 100 bytes, too short"),
+    ]
+    for data, pattern in cases:
+        path = _raw_tar(tmp_path / "bad.tar", [("00000000_a.task", data)])
+        with pytest.raises(ShardError, match=pattern):
+            list(iter_shard(path, schema))
+    bad_state = copy.deepcopy(rec)
+    bad_state.state = "lukewarm"
+    with pytest.raises(
+        ShardError, match=rf"task {rec.task_id} in shard-000003.tar: state 'lukewarm' is not one of"
+    ):
+        list(iter_shard(_one_shard(tmp_path, bad_state), schema))
+    dup = _raw_tar(tmp_path / "dup.tar", [("00000000_a.task", blob), ("00000000_a.task", blob)])
+    with pytest.raises(ShardError, match=r"dup.tar: record key '00000000_a' appears more than once"):
+        list(iter_shard(dup, schema))
+
+
+def test_errors_name_the_first_bad_task_in_stream_order(tmp_path, small_splits):
+    good, bad_values, bad_shape = (copy.deepcopy(r) for r in small_splits.train[:3])
+    bad_values.arrays["support.dense"][0, 0] = np.inf
+    bad_shape.arrays["query.sparse"] = bad_shape.arrays["query.sparse"][:, :2]
+    path = tmp_path / "shard-000009.tar"
+    write_tar(path, [good, bad_values, bad_shape])
+    with pytest.raises(ShardError, match=rf"task {bad_values.task_id} in shard-000009.tar: support.dense"):
+        list(iter_shard(path, small_splits.schema))
+    write_tar(path, [good, bad_shape, bad_values])
+    with pytest.raises(
+        ShardError, match=rf"task {bad_shape.task_id} in shard-000009.tar: query.sparse has shape"
+    ):
+        list(iter_shard(path, small_splits.schema))
+
+
+def test_tar_header_checksum_and_missing_end_block(tmp_path, shard_dir):
+    m = read_manifest(_copy_shards(shard_dir, tmp_path))
+    path = m.shard_paths("test")[0]
+    data = path.read_bytes()
+    with tarfile.open(path) as tf:
+        offsets = [t.offset for t in tf.getmembers()]
+        last = tf.getmembers()[-1]
+    hacked = bytearray(data)
+    hacked[offsets[2] + 110] ^= 0x01  # a byte in the mode field of the 3rd header: checksum breaks
+    path.write_bytes(bytes(hacked))
+    with pytest.raises(ShardError, match=r"after 2 tasks \(header checksum mismatch at byte"):
+        list(iter_shard(path, m.schema))
+    end = last.offset_data + ((last.size + 511) // 512) * 512
+    path.write_bytes(data[:end])  # every member complete, end-of-archive blocks cut off
+    with pytest.raises(ShardError, match=r"after 20 tasks \(no end-of-archive block\)"):
+        list(iter_shard(path, m.schema))

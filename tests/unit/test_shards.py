@@ -1,17 +1,25 @@
-"""Shards: deterministic bytes, manifest contents, exact round trip, idempotent prepare."""
+"""Shards: deterministic bytes, manifest contents, exact round trip, idempotent prepare, format v2,
+columnar collation equal to per-record collation."""
 
 from __future__ import annotations
 
 import json
+import tarfile
 
+import numpy as np
 import pytest
+import torch
 
+from gmeta.data.batch import batch_from_arrays, batch_to_arrays, collate_chunk_tasks, collate_tasks
 from gmeta.data.shards import (
     MANIFEST,
     ShardError,
+    decode_task,
+    encode_task,
     iter_shard,
     prepare_shards,
     read_manifest,
+    read_shard,
     sha256_file,
     verify_shards,
     write_shards,
@@ -83,3 +91,74 @@ def test_prepare_shards_is_idempotent_and_detects_stale(tmp_path):
     prepare_shards(src, cfg, out, tasks_per_shard=8, seed=1, force=True)
     assert json.loads((out / MANIFEST).read_text())["seed"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftover temp folders
+
+
+def test_chunk_collation_equals_record_collation(shard_dir):
+    m = read_manifest(shard_dir)
+    chunks = [
+        read_shard(p, m.schema, s["tasks"])
+        for p, s in zip(m.shard_paths("train"), m.shards("train"), strict=True)
+    ]
+    items = [(c, i) for c in chunks for i in range(c.num_tasks)]
+    rng = np.random.default_rng(0)
+    shuffled = [items[j] for j in rng.permutation(len(items))[:13]]  # several chunks, interleaved
+    grouped = sorted(shuffled, key=lambda t: id(t[0]))  # each chunk's tasks adjacent
+    for batch_items in (shuffled, grouped, items[3:9], items[:1]):
+        fast = collate_chunk_tasks(batch_items)
+        ref = collate_tasks([c.record(i) for c, i in batch_items])
+        assert fast.task_ids == ref.task_ids
+        assert torch.equal(fast.state, ref.state) and torch.equal(fast.task_mask, ref.task_mask)
+        for which in ("support", "query"):
+            for f in ("sparse", "multi_hot", "dense", "label", "mask"):
+                a, b = getattr(getattr(fast, which), f), getattr(getattr(ref, which), f)
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (which, f)
+
+
+def test_wire_form_round_trip(shard_dir):
+    m = read_manifest(shard_dir)
+    batch = collate_tasks(list(iter_shard(m.shard_paths("val")[0], m.schema))[:5])
+    back = batch_from_arrays(*batch_to_arrays(batch))
+    assert back.task_ids == batch.task_ids
+    for a, b in zip(_tensors(back), _tensors(batch), strict=True):
+        assert torch.equal(a, b)
+
+
+def _tensors(batch):
+    yield batch.state
+    yield batch.task_mask
+    for which in ("support", "query"):
+        s = getattr(batch, which)
+        yield from (s.sparse, s.multi_hot, s.dense, s.label, s.mask)
+
+
+def test_record_encoding_round_trip_and_one_member_per_task(shard_dir, small_splits):
+    rec = small_splits.train[0]
+    sample = encode_task(rec, 7)
+    assert set(sample) == {"__key__", "task"} and "." not in sample["__key__"]
+    back = decode_task(sample, "x.tar", small_splits.schema)
+    assert back.task_id == rec.task_id and back.state == rec.state
+    for k, a in rec.arrays.items():
+        assert back.arrays[k].dtype == a.dtype and back.arrays[k].tobytes() == a.tobytes()
+    with pytest.raises(ShardError, match=r"record 'k' in x.tar has no .task member .*format-1"):
+        decode_task({"__key__": "k", "meta.json": b"{}"}, "x.tar", small_splits.schema)
+    m = read_manifest(shard_dir)
+    with tarfile.open(m.shard_paths("train")[0]) as tf:
+        names = tf.getnames()
+    assert len(names) == m.shards("train")[0]["tasks"] and all(n.endswith(".task") for n in names)
+
+
+def test_older_format_is_a_clear_error_and_prepare_rebuilds(tmp_path, caplog):
+    src = SyntheticSource(num_users=40, num_items=80, min_interactions=8, max_interactions=30, seed=1)
+    cfg = TaskConfig(min_interactions=6, max_interactions=30, query_size=3)
+    out = prepare_shards(src, cfg, tmp_path / "s", tasks_per_shard=8, seed=0)
+    data = json.loads((out / MANIFEST).read_text())
+    data["format_version"] = 1
+    (out / MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(ShardError, match=r"format 'gmeta-task-shards' v1, expected .* v2: .*rebuild them"):
+        read_manifest(out)
+    with pytest.raises(ShardError, match=r"older format built with a different seed"):
+        prepare_shards(src, cfg, out, tasks_per_shard=8, seed=1)
+    with caplog.at_level("WARNING"):
+        prepare_shards(src, cfg, out, tasks_per_shard=8, seed=0)
+    assert "older format" in caplog.text
+    assert read_manifest(out).data["format_version"] == 2

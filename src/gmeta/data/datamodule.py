@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,24 @@ import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gmeta.data.batch import TaskBatch, TaskRecord, collate_tasks
+from gmeta.data.batch import (
+    TaskBatch,
+    TaskChunk,
+    TaskRecord,
+    batch_from_arrays,
+    batch_to_arrays,
+    collate_chunk_tasks,
+    collate_tasks,
+)
 from gmeta.data.schema import MULTI_HOT_PAD, Schema
-from gmeta.data.shards import MANIFEST, Manifest, iter_shard, prepare_shards, read_manifest, verify_shards
+from gmeta.data.shards import MANIFEST, Manifest, prepare_shards, read_manifest, read_shard, verify_shards
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
+
+#: one task of a decoded shard: (chunk, index in the chunk)
+Task = tuple[TaskChunk, int]
 
 
 def dummy_record(schema: Schema) -> TaskRecord:
@@ -57,6 +69,15 @@ def dummy_batch(schema: Schema) -> TaskBatch:
     batch.query.mask[:] = False
     batch.task_ids = [""]
     return batch
+
+
+def _by_chunk(tasks: list[Task]) -> list[Task]:
+    """The batch's tasks with each shard's tasks adjacent (stable): collation then copies each
+    shard's share with one gather per array. The batch content is unchanged."""
+    first: dict[int, int] = {}
+    for c, _ in tasks:
+        first.setdefault(id(c), len(first))
+    return tasks if len(first) == 1 else sorted(tasks, key=lambda t: first[id(t[0])])
 
 
 class TaskStreamDataset(IterableDataset):
@@ -148,29 +169,50 @@ class TaskStreamDataset(IterableDataset):
         return self.rank_batches(self.rank, num_workers, epoch)
 
     # -- iteration ---------------------------------------------------------------------------
-    def _records(self, slot: int, num_slots: int, epoch: int) -> Iterator[TaskRecord]:
+    def _records(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[TaskChunk, int]]:
+        """This slot's tasks as (chunk, index) handles, shard by shard (each shard decoded at once)."""
         shards, stride = self.slot_plan(slot, num_slots, epoch)
         index = 0
         for i in shards:
-            for record in iter_shard(self.shards[i], self.schema, expected_tasks=self.shard_tasks[i]):
-                if stride is None or index % stride == slot:
-                    yield record
-                index += 1
+            chunk = read_shard(self.shards[i], self.schema, expected_tasks=self.shard_tasks[i])
+            n = chunk.num_tasks
+            if stride is None:
+                yield from ((chunk, k) for k in range(n))
+            else:
+                first = (slot - index) % stride
+                yield from ((chunk, k) for k in range(first, n, stride))
+            index += n
 
-    def _shuffled(self, records: Iterator[TaskRecord], rng: np.random.Generator) -> Iterator[TaskRecord]:
-        buffer: list[TaskRecord] = []
+    def _shuffled(self, records: Iterator[Task], rng: np.random.Generator) -> Iterator[Task]:
+        """Buffer shuffle: each incoming task replaces (and emits) a random buffered one."""
+        buffer: list[Task] = []
+        draws: list[float] = []
         for r in records:
             if len(buffer) < self.shuffle_buffer:
                 buffer.append(r)
                 continue
-            j = int(rng.integers(len(buffer)))
+            if not draws:
+                draws = rng.random(1024).tolist()
+            j = int(draws.pop() * len(buffer))
             yield buffer[j]
             buffer[j] = r
-        rng.shuffle(buffer)
+        rng.shuffle(buffer)  # type: ignore[arg-type]
         yield from buffer
 
     def __iter__(self) -> Iterator[TaskBatch]:
+        """This rank/worker's batches of the current epoch.
+
+        Inside a DataLoader worker, batches are yielded as ``WireBatch`` (numpy arrays, cheap to
+        send to the main process); ``TaskDataLoader`` turns them back into ``TaskBatch``es.
+        """
         info = get_worker_info()
+        if info is None:
+            yield from self._batches(None)
+        else:
+            for batch in self._batches(info):
+                yield WireBatch(*batch_to_arrays(batch))  # type: ignore[misc]
+
+    def _batches(self, info: Any) -> Iterator[TaskBatch]:
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         num_slots = self.world_size * num_workers
         slot = self.rank * num_workers + worker
@@ -178,14 +220,14 @@ class TaskStreamDataset(IterableDataset):
         records = self._records(slot, num_slots, epoch)
         if self.shuffle and self.shuffle_buffer > 1:
             records = self._shuffled(records, np.random.default_rng([self.seed, epoch, slot, 1]))
-        chunk: list[TaskRecord] = []
+        chunk: list[Task] = []
         for r in records:
             chunk.append(r)
             if len(chunk) == self.batch_tasks:
-                yield collate_tasks(chunk)
+                yield collate_chunk_tasks(_by_chunk(chunk))
                 chunk = []
         if chunk and not self.drop_last:
-            yield collate_tasks(chunk)
+            yield collate_chunk_tasks(_by_chunk(chunk))
         if self.equal_batches and worker == 0:
             workers = num_workers if info is not None else 0
             missing = self.num_batches(workers, epoch) - self.rank_batches(self.rank, workers, epoch)
@@ -193,8 +235,30 @@ class TaskStreamDataset(IterableDataset):
                 yield dummy_batch(self.schema)
 
 
+@dataclass
+class WireBatch:
+    """A ``TaskBatch`` in transit from a DataLoader worker (see ``batch_to_arrays``)."""
+
+    arrays: dict[str, np.ndarray]
+    task_ids: list[str]
+
+
 def _identity(batch: TaskBatch) -> TaskBatch:
     return batch
+
+
+class _FromWire:
+    """Iterator over a DataLoader iterator that rebuilds ``TaskBatch``es from ``WireBatch``es."""
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+
+    def __iter__(self) -> _FromWire:
+        return self
+
+    def __next__(self) -> TaskBatch:
+        item = next(self._it)
+        return batch_from_arrays(item.arrays, item.task_ids) if isinstance(item, WireBatch) else item
 
 
 class TaskDataLoader(DataLoader):
@@ -221,7 +285,8 @@ class TaskDataLoader(DataLoader):
         epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
         self._iterations += 1
         self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-        return super().__iter__()
+        it = super().__iter__()
+        return _FromWire(it) if self.num_workers > 0 else it
 
 
 class TaskDataModule(L.LightningDataModule):
