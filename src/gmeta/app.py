@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from gmeta.meta.module import MetaDLRMModule
+from gmeta.parallel import shutdown_process_group  # also registers trainer.strategy=hybrid_parallel
 from gmeta.report import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ def _report(model: MetaDLRMModule, trainer: L.Trainer, output_dir: Path, title: 
 
 def train(cfg: DictConfig) -> list[dict[str, Any]]:
     """Fit a model (or resume from ``cfg.ckpt_path``), then test its best checkpoint."""
+    records = _train(cfg)
+    shutdown_process_group()  # multi-process runs: a clean gloo exit (and room for the next sweep job)
+    return records
+
+
+def _train(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -97,6 +104,12 @@ def train(cfg: DictConfig) -> list[dict[str, Any]]:
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate the checkpoint ``cfg.ckpt_path`` on ``cfg.split`` (test or val) of ``cfg.data``."""
+    records = _evaluate(cfg)
+    shutdown_process_group()
+    return records
+
+
+def _evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -118,7 +131,10 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
     trainer.test(model, datamodule=datamodule)
     records = _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")
-    if cfg.get("report", False) and trainer.is_global_zero and records:
+    if cfg.get("report", False) and trainer.world_size > 1:
+        # the report re-runs the model on rank 0 alone: impossible with a table sharded over ranks
+        log.warning("eval report skipped: it needs one process (cluster=cpu or cluster=gpu)")
+    elif cfg.get("report", False) and trainer.is_global_zero and records:
         from gmeta.eval_report import write_eval_report  # matplotlib: only when a report is asked for
 
         path = write_eval_report(

@@ -62,3 +62,98 @@ def test_losses_and_every_parameter_match_one_process(runs, world, algo):
         torch.testing.assert_close(state[key], ref[key], rtol=1e-5, atol=1e-12, msg=key)
     assert "embedding.optimizer.sum_sq" in ref and bool((ref["embedding.optimizer.sum_sq"] > 0).any())
     del initial
+
+
+# -- collective audit ----------------------------------------------------------------------------
+
+EXPECTED_STEP = [
+    ("all_to_all", "lookup/header"),  # per-destination id counts, loss weights, bad-id reports
+    ("all_to_all", "lookup/ids"),  # support AND query ids of all local tasks, to their owners
+    ("all_to_all", "lookup/rows"),  # the rows, back
+    ("all_reduce", "dense/grads"),  # all dense gradients in one flat buffer
+    ("all_to_all", "rows/grads"),  # row gradients to their owners
+]
+
+
+@pytest.mark.parametrize("inner_steps", [1, 3])
+def test_one_meta_step_makes_exactly_the_documented_collectives(tmp_path, inner_steps):
+    spec = {
+        "scenario": "audit",
+        "world": 2,
+        "algos": ["maml"],
+        "steps": 2,
+        "meta_overrides": {"inner_steps": inner_steps, "adapt_embeddings": True},
+    }
+    results = _ok(run_group(spec, tmp_path), tmp_path)
+    for rank in (0, 1):
+        for audit in results[rank]["result"]["maml"]["audits"]:
+            assert [(r["op"], r["tag"]) for r in audit["records"]] == EXPECTED_STEP
+            # counted at torch.distributed itself: nothing bypasses the communicator, and the inner
+            # loop (any number of steps, embeddings adapted too) makes no collective at all
+            assert audit["raw"] == {"all_to_all_single": 4, "all_reduce": 1}
+            dense = next(r for r in audit["records"] if r["tag"] == "dense/grads")
+            assert dense["bytes_sent"] == 8 * audit["dense_params"]  # float64, one buffer
+            ids = next(r for r in audit["records"] if r["tag"] == "lookup/ids")
+            rows = next(r for r in audit["records"] if r["tag"] == "lookup/rows")
+            grads = next(r for r in audit["records"] if r["tag"] == "rows/grads")
+            assert rows["bytes_received"] == ids["bytes_sent"] // 8 * 4 * 8  # U ids -> U rows of dim 4
+            assert grads["bytes_sent"] == rows["bytes_received"]
+
+
+# -- checkpoints: written by 2 ranks, resumed on 1 and on 4 ---------------------------------------
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one_and_four(tmp_path):
+    ckpt = tmp_path / "step5.ckpt"
+    base = {"scenario": "train", "algos": ["maml"]}
+    ref = _ok(
+        run_group({**base, "world": 2, "steps": 6, "save_at": 5, "ckpt": str(ckpt)}, tmp_path / "w2"),
+        tmp_path / "w2",
+    )
+    ref_next = global_losses(ref, "maml")[5]
+    ref_pred = torch.cat([torch.load(tmp_path / "w2" / f"pred_maml_rank{r}.pt") for r in range(2)])
+    ref_state = torch.load(tmp_path / "w2" / "state_maml.pt")
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert saved["embedding.weight"].shape[0] == sum((40, 31, 23, 12))  # full table, not a shard
+    assert "embedding.shard_info" not in saved
+    for world in (1, 4):
+        out = tmp_path / f"resume{world}"
+        spec = {**base, "world": world, "steps": 6, "first_step": 5, "resume_from": str(ckpt)}
+        results = _ok(run_group(spec, out), out)
+        losses = global_losses(results, "maml")
+        assert losses.shape == (1,)
+        torch.testing.assert_close(losses[0], ref_next, rtol=1e-10, atol=0)
+        pred = torch.cat([torch.load(out / f"pred_maml_rank{r}.pt") for r in range(world)])
+        torch.testing.assert_close(pred, ref_pred, rtol=1e-10, atol=1e-12)
+        state = torch.load(out / "state_maml.pt")
+        for key in ref_state:
+            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+# -- faults: every rank ends with a clear error, quickly ------------------------------------------
+
+
+def test_out_of_range_id_on_one_rank_fails_every_rank_with_the_same_message(tmp_path):
+    group = run_group(
+        {"scenario": "bad_ids", "world": 2, "algos": ["maml"], "steps": 2}, tmp_path, deadline_s=120
+    )
+    assert group["codes"] == [1, 1]
+    for rank in (0, 1):
+        err = group["results"][rank]["error"]
+        assert err["type"] == "ValueError", err
+        assert (
+            "rank 1's batch: query set, task 1, sample 0, field 'item': id 36 outside [0, 31)"
+            in err["message"]
+        )
+
+
+@pytest.mark.parametrize("scenario", ["rank_raises", "rank_dies"])
+def test_a_failing_rank_ends_the_others_within_the_timeout(tmp_path, scenario):
+    spec = {"scenario": scenario, "world": 2, "algos": ["maml"], "steps": 4, "timeout_s": 20}
+    group = run_group(spec, tmp_path, deadline_s=150)
+    assert group["codes"][0] == 1 and group["codes"][1] in (1, 3)
+    err = group["results"][0]["error"]
+    assert err["type"] == "CollectiveError", err
+    assert "rank 0/2: collective all_to_all 'lookup/header' failed" in err["message"]
+    if scenario == "rank_raises":
+        assert "injected failure on rank 1" in group["results"][1]["error"]["message"]

@@ -12,6 +12,7 @@ contiguous block of tasks, and writes what the test compares into ``SPEC["out_di
   ``torch.distributed`` itself.
 * ``bad_ids``: rank 1 gets an out-of-range id; every rank records the error it raised.
 * ``rank_raises``: rank 1 raises inside its second meta-step; every rank records what it raised.
+* ``rank_dies``: rank 1 exits abruptly at its second meta-step; the others record what they raised.
 """
 
 from __future__ import annotations
@@ -160,8 +161,11 @@ class Recorder(L.Callback):
         return counts
 
     def on_train_batch_start(self, trainer: L.Trainer, module: MetaDLRMModule, batch: Any, idx: int) -> None:
-        if self.spec["scenario"] == "rank_raises" and self.rank == 1 and trainer.global_step == 1:
-            raise RuntimeError("injected failure on rank 1 in meta-step 2")
+        if self.rank == 1 and trainer.global_step == 1:
+            if self.spec["scenario"] == "rank_raises":
+                raise RuntimeError("injected failure on rank 1 in meta-step 2")
+            if self.spec["scenario"] == "rank_dies":
+                os._exit(3)  # no exception, no clean-up: as if the process was killed
         if self.spec["scenario"] == "audit":
             self._patch()
             self._audit = trainer.strategy.comm.audit()
@@ -176,7 +180,7 @@ class Recorder(L.Callback):
                 {
                     "raw": self._unpatch(),
                     "records": [r.__dict__ for r in self._records],
-                    "unique_ids": None,
+                    "dense_params": sum(p.numel() for p in module.dlrm.parameters()),
                 }
             )
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
@@ -194,7 +198,8 @@ def run(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     world = spec["world"]
     out: dict[str, Any] = {}
     for algo in spec["algos"]:
-        module = make_module(algo, spec.get("meta_overrides"))
+        # float64 before fit: Lightning restores a checkpoint before the precision plugin converts
+        module = make_module(algo, spec.get("meta_overrides")).double()
         steps = spec["steps"]
         first = spec.get("first_step", 0)
         batches = [local_batch(s, rank, world) for s in range(first, steps)]

@@ -1,0 +1,87 @@
+"""train.py with cluster=ddp_cpu: 2 gloo processes under HybridParallelStrategy, end to end.
+
+The run's checkpoint (written by 2 ranks, full tables) is then evaluated by eval.py on ONE process:
+the metrics must be the ones the 2-process test loop reported, counted once per task.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from entry_points import run_entry_point as run_script
+
+from gmeta.data.datamodule import TaskDataModule
+from gmeta.data.schema import STATES
+from gmeta.data.shards import read_manifest
+
+EPOCHS = 2
+
+
+def records(path: Path) -> dict[tuple[str, bool], dict]:
+    return {(r["state"], r["adapted"]): r for r in json.loads(path.read_text())}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    tmp = tmp_path_factory.mktemp("ddp")
+    run_dir = tmp / "run"
+    proc = run_script(
+        "train.py",
+        "+experiment=synthetic_maml",
+        "cluster=ddp_cpu",
+        f"trainer.max_epochs={EPOCHS}",
+        f"hydra.run.dir={run_dir}",
+        tmp=tmp,
+    )
+    return {"tmp": tmp, "run_dir": run_dir, "out": proc.stdout + proc.stderr}
+
+
+def test_two_processes_train_and_count_every_test_task_once(ddp_run: dict) -> None:
+    assert "Starting with 2 processes" in ddp_run["out"]
+    assert (ddp_run["run_dir"] / "train_ddp_process_1.log").is_file()  # the second rank really ran
+    manifest = read_manifest(ddp_run["tmp"] / "data" / "synthetic" / "shards")
+    counts = manifest.data["counts"]["test"]
+    recs = records(ddp_run["run_dir"] / "cold_start_metrics.json")
+    assert set(recs) == {(s, a) for s in STATES for a in (False, True)}
+    for (state, _), r in recs.items():
+        assert r["tasks"] == counts[state]["tasks"] and r["samples"] == counts[state]["query"], state
+        assert math.isfinite(r["auc"]) and math.isfinite(r["logloss"])
+    ckpt = torch.load(
+        ddp_run["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    # one meta-step per global batch: 16 tasks = 8 per rank, ranks padded to the longer rank's count
+    dm = TaskDataModule(manifest.root, batch_tasks=16, seed=42, rank=0, world_size=2)  # as train.yaml
+    dm.setup()
+    steps = sum(dm.dataset("train").num_batches(num_workers=0, epoch=e) for e in range(EPOCHS))
+    assert ckpt["global_step"] == steps >= EPOCHS * math.ceil(manifest.num_tasks("train") / 16)
+    table = ckpt["state_dict"]["embedding.weight"]
+    assert table.shape[0] == sum(
+        f["vocab_size"] for f in manifest.schema.to_dict()["fields"] if f["kind"] != "dense"
+    )
+
+
+def test_one_process_evaluates_the_two_rank_checkpoint_to_the_same_metrics(ddp_run: dict) -> None:
+    run_dir = ddp_run["run_dir"]
+    best = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))
+    eval_dir = ddp_run["tmp"] / "eval"
+    run_script(
+        "eval.py",
+        "data=synthetic",
+        f"ckpt_path={best}",
+        "report=false",
+        f"hydra.run.dir={eval_dir}",
+        tmp=ddp_run["tmp"],
+    )
+    distributed, single = (
+        records(run_dir / "cold_start_metrics.json"),
+        records(eval_dir / "cold_start_metrics.json"),
+    )
+    assert distributed.keys() == single.keys()
+    for key, r in distributed.items():
+        for metric in ("auc", "logloss", "gauc"):
+            assert single[key][metric] == pytest.approx(r[metric], abs=2e-6, nan_ok=True), (key, metric)
+        assert single[key]["tasks"] == r["tasks"]
