@@ -68,7 +68,7 @@ class Towers:
     interaction: str
     dim: int
     num_fields: int
-    flat: Tensor | None  # dot: (n(n-1)/2,) flat indices i*n+j, i<j, into the (n, n) products
+    pairs: Tensor | None  # dot: (2, n(n-1)/2) flat indices i*n+j and j*n+i (i < j) of (n, n) products
 
     @property
     def has_bottom(self) -> bool:
@@ -82,7 +82,9 @@ class Towers:
         def det(layers: list[Layer]) -> list[Layer]:
             return [Layer(x.weight.detach(), x.bias.detach(), x.adapted) for x in layers]
 
-        return Towers(det(self.bottom), det(self.top), self.interaction, self.dim, self.num_fields, self.flat)
+        return Towers(
+            det(self.bottom), det(self.top), self.interaction, self.dim, self.num_fields, self.pairs
+        )
 
 
 def _linear_names(seq: nn.Sequential | None, prefix: str, last_relu: bool) -> list[str] | None:
@@ -121,11 +123,13 @@ def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tupl
         get = lambda k: params[k] if k in params else own[k]  # noqa: E731
         return [Layer(get(f"{p}.weight"), get(f"{p}.bias"), group in adapt_groups) for p in names]
 
-    flat = None
+    pairs = None
     if model.interaction == "dot":
-        flat = model.triu_rows * (model.num_fields + (1 if model.bottom is not None else 0)) + model.triu_cols
+        n = model.num_fields + (1 if model.bottom is not None else 0)
+        i, j = model.triu_rows, model.triu_cols
+        pairs = torch.stack([i * n + j, j * n + i])
     return Towers(
-        layers(bottom, "bottom"), layers(top, "top"), model.interaction, model.dim, model.num_fields, flat
+        layers(bottom, "bottom"), layers(top, "top"), model.interaction, model.dim, model.num_fields, pairs
     )
 
 
@@ -134,61 +138,110 @@ def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tupl
 # --------------------------------------------------------------------------------------------------
 
 
-def _sym_from_pairs(g: Tensor, flat: Tensor, n: int) -> Tensor:
-    """(M, n(n-1)/2) pair values -> (M, n, n) symmetric matrix with them at (i, j) and (j, i)."""
-    m = g.new_zeros(g.shape[0], n * n).index_copy_(1, flat, g).view(-1, n, n)
-    return m + m.transpose(1, 2)
+def _sym_from_pairs(g: Tensor, pairs: Tensor, n: int) -> Tensor:
+    """(M, n(n-1)/2) pair values -> (M, n, n) symmetric matrix with them at (i, j) and (j, i).
+
+    ``pairs``: (2, n(n-1)/2) flat indices i*n+j and j*n+i of the pairs (i < j).
+    """
+    m = g.new_zeros(g.shape[0], n * n)
+    m.index_copy_(1, pairs[0], g)
+    m.index_copy_(1, pairs[1], g)
+    return m.view(-1, n, n)
 
 
-class _DotInteraction(torch.autograd.Function):
-    """(M, n, d) vectors -> (M, n(n-1)/2) pairwise dot products (strict upper triangle).
+class _DotFeatures(torch.autograd.Function):
+    """(M, n, d) vectors -> (M, off + n(n-1)/2) top-tower inputs: ``v[:, 0]`` (the bottom output,
+    ``off`` = d; 0 without a bottom tower), then the pairwise dot products (strict upper triangle).
 
     autograd's own backward of ``v @ v.mT`` does two batched products, one with a transposed operand
-    (slow on CPU); this one uses ``dv = (G + G^T) v``.
+    (slow on CPU); this one uses ``dv = (G + G^T) v`` (``_DotGrad``).
     """
 
     @staticmethod
-    def forward(v: Tensor, flat: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(v: Tensor, pairs: Tensor, off: int) -> Tensor:  # type: ignore[override]
         n = v.shape[1]
-        return torch.bmm(v, v.transpose(1, 2)).view(-1, n * n).index_select(1, flat)
+        prods = torch.bmm(v, v.transpose(1, 2)).view(-1, n * n).index_select(1, pairs[0])
+        return torch.cat([v[:, 0], prods], dim=1) if off else prods
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(*inputs)
+        v, pairs, off = inputs
+        ctx.save_for_backward(v, pairs)
+        ctx.off = off
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        v, flat = ctx.saved_tensors
-        return _DotInteractionGrad.apply(v, g, flat), None
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        v, pairs = ctx.saved_tensors
+        return _DotGrad.apply(v, g, pairs, ctx.off), None, None
 
 
-class _DotInteractionGrad(torch.autograd.Function):
-    """The backward of ``_DotInteraction`` as a differentiable op: (v, g) -> (G + G^T) v.
+class _DotGrad(torch.autograd.Function):
+    """The backward of ``_DotFeatures`` as a differentiable op: (v, g) -> dv.
 
-    The inner loop calls it to get the support gradients w.r.t. the interaction's inputs; the outer
-    backward of second-order MAML differentiates it once more: dv = S dout (S symmetric), and
-    dg[(i, j)] = (dout v^T)[i, j] + (dout v^T)[j, i].
+    ``dv = (G + G^T) v`` with G the pair gradients ``g[:, off:]`` placed at (i, j), plus ``g[:, :off]``
+    on ``dv[:, 0]``. The inner loop calls it for the support gradients w.r.t. the interaction's
+    inputs; the outer backward of second-order MAML differentiates it once: d v = (G + G^T) dout, and
+    dg[(i, j)] = (dout v^T)[i, j] + (dout v^T)[j, i], dg[:, :off] = dout[:, 0].
     """
 
     @staticmethod
-    def forward(v: Tensor, g: Tensor, flat: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.bmm(_sym_from_pairs(g, flat, v.shape[1]), v)
+    def forward(v: Tensor, g: Tensor, pairs: Tensor, off: int) -> Tensor:  # type: ignore[override]
+        out = torch.bmm(_sym_from_pairs(g[:, off:], pairs, v.shape[1]), v)
+        if off:
+            out[:, 0] += g[:, :off]
+        return out
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
-        ctx.save_for_backward(*inputs)
+        v, g, pairs, off = inputs
+        ctx.save_for_backward(v, g, pairs)
+        ctx.off = off
 
     @staticmethod
-    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        v, g, flat = ctx.saved_tensors
-        n = v.shape[1]
+    def backward(ctx, dout: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:  # type: ignore[override]
+        v, g, pairs = ctx.saved_tensors
+        n, off = v.shape[1], ctx.off
         dv = dg = None
         if ctx.needs_input_grad[0]:
-            dv = torch.bmm(_sym_from_pairs(g, flat, n), dout)
+            dv = torch.bmm(_sym_from_pairs(g[:, off:], pairs, n), dout)
         if ctx.needs_input_grad[1]:
-            p = torch.bmm(dout, v.transpose(1, 2))
-            dg = (p + p.transpose(1, 2)).reshape(-1, n * n).index_select(1, flat)
-        return dv, dg, None
+            p = torch.bmm(dout, v.transpose(1, 2)).view(-1, n * n)
+            dp = p.index_select(1, pairs[0]) + p.index_select(1, pairs[1])
+            dg = torch.cat([dout[:, 0], dp], dim=1) if off else dp
+        return dv, dg, None, None
+
+
+class _Gather(torch.autograd.Function):
+    """Rows of a (R, d) table at several flat index tensors (one output each).
+
+    The backward is one ``index_add`` per output into one zero (R, d) gradient: autograd's own
+    ``index_select`` backward builds an expanded (N, d) index for a ``scatter_add``, and slicing one
+    gathered tensor into parts would allocate a full-size zero gradient per part.
+    """
+
+    @staticmethod
+    def forward(table: Tensor, *idx: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        return tuple(table.index_select(0, i) for i in idx)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        table, *idx = inputs
+        ctx.save_for_backward(*idx)
+        ctx.table_shape = table.shape
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        idx = ctx.saved_tensors
+        out = None
+        for i, g in zip(idx, grads, strict=True):
+            if g is None:
+                continue
+            if out is None:
+                out = g.new_zeros(ctx.table_shape)
+            # out of place when a graph of the backward is asked for (double backward)
+            out = out.index_add(0, i, g) if torch.is_grad_enabled() else out.index_add_(0, i, g)
+        return (out, *([None] * len(idx)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,34 +274,34 @@ def set_index(idx: LocalIndex, dtype: torch.dtype, pad_row: int = 0) -> SetIndex
     return SetIndex(idx.sparse, mh, weight)
 
 
+def _pool(mh: Tensor, ix: SetIndex) -> Tensor:
+    d = mh.shape[-1]
+    return (mh.view(*ix.multi_hot.shape, d) * ix.weight.unsqueeze(-1)).sum(-2)
+
+
 def gather(table: Tensor, ix: SetIndex) -> Tensor:
     """(T, M, F, d) embeddings from a (R, d) table: sparse rows, then weighted sums of multi-hot rows.
 
-    ``index_select`` (backward: one ``index_add``) rather than advanced indexing into a padded copy
-    of the table: no copy of the table, no dense accumulate-put in the backward.
+    Rows are gathered with ``index_select`` (``_Gather``: one ``index_add`` in the backward) rather
+    than advanced indexing into a padded copy of the table.
     """
-    d = table.shape[-1]
-    sp = table.index_select(0, ix.sparse.reshape(-1)).view(*ix.sparse.shape, d)
-    if not ix.has_multi_hot:
-        return sp
-    mh = table.index_select(0, ix.multi_hot.reshape(-1)).view(*ix.multi_hot.shape, d)
-    mh = (mh * ix.weight.unsqueeze(-1)).sum(-2)
-    return torch.cat([sp, mh], dim=-2)
+    return gather_sets(table, ix)[0]
 
 
-def gather_sets(table: Tensor, a: SetIndex, b: SetIndex) -> tuple[Tensor, Tensor]:
-    """``gather`` of two sets with one ``index_select`` per kind (one ``index_add`` in the backward)."""
+def gather_sets(table: Tensor, *sets: SetIndex) -> tuple[Tensor, ...]:
+    """``gather`` of several sets with one ``_Gather`` (one zero gradient table in the backward)."""
     d = table.shape[-1]
-    na = a.sparse.numel()
-    sp = table.index_select(0, torch.cat([a.sparse.reshape(-1), b.sparse.reshape(-1)]))
-    ea, eb = sp[:na].view(*a.sparse.shape, d), sp[na:].view(*b.sparse.shape, d)
-    if not (a.has_multi_hot or b.has_multi_hot):
-        return ea, eb
-    ma = a.multi_hot.numel()
-    mh = table.index_select(0, torch.cat([a.multi_hot.reshape(-1), b.multi_hot.reshape(-1)]))
-    mha = (mh[:ma].view(*a.multi_hot.shape, d) * a.weight.unsqueeze(-1)).sum(-2)
-    mhb = (mh[ma:].view(*b.multi_hot.shape, d) * b.weight.unsqueeze(-1)).sum(-2)
-    return torch.cat([ea, mha], dim=-2), torch.cat([eb, mhb], dim=-2)
+    idx = []
+    for ix in sets:
+        idx.append(ix.sparse.reshape(-1))
+        if ix.has_multi_hot:
+            idx.append(ix.multi_hot.reshape(-1))
+    got = iter(_Gather.apply(table, *idx))
+    out = []
+    for ix in sets:
+        sp = next(got).view(*ix.sparse.shape, d)
+        out.append(torch.cat([sp, _pool(next(got), ix)], dim=-2) if ix.has_multi_hot else sp)
+    return tuple(out)
 
 
 @dataclass
@@ -301,30 +354,56 @@ Factors = tuple[Tensor, Tensor]  # X (T, R, in), D (T, R, out)
 
 @dataclass
 class State:
-    """What the inner loop has learned so far: per adapted layer (index into bottom + top) the
-    stacked factors of all steps, and the delta of the tasks' own rows."""
+    """What the inner loop has learned so far.
+
+    factors: per low-rank adapted layer (index into bottom + top), the stacked (X, D) of all steps.
+    weights: per materialized layer, the (T, out, in) weights and (T, out) biases of the tasks.
+    row_delta: (C + 1, d) deltas of the tasks' own rows (``TaskRows``).
+    """
 
     factors: dict[int, Factors] = field(default_factory=dict)
-    row_delta: Tensor | None = None  # (C + 1, d)
+    weights: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    row_delta: Tensor | None = None
+
+    def update(self, i: int, layer: Layer, x: Tensor, d: Tensor, lr: float, materialize: bool) -> None:
+        """Add one SGD step with support inputs x (T, S, in) and output gradients d (T, S, out)."""
+        if not materialize:
+            self.factors[i] = _grow(self.factors.get(i), (x, d))
+            return
+        w, b = self.weights.get(i, (layer.weight.unsqueeze(0), layer.bias.unsqueeze(0)))
+        self.weights[i] = (torch.baddbmm(w, d.transpose(1, 2), x, alpha=-lr), b - lr * d.sum(1))
 
 
-def linear(x: Tensor, layer: Layer, fac: Factors | None, lr: float) -> Tensor:
-    """(T, M, in) -> (T, M, out) at each task's adapted weights (shared ones if ``fac`` is None)."""
+def materialize_layer(layer: Layer, rows: int) -> bool:
+    """Per-task weights beat the low-rank form when the factor rows (steps x support) cost more per
+    sample than the weight itself: rows * (in + out) > in * out."""
+    out_f, in_f = layer.weight.shape
+    return rows * (in_f + out_f) > in_f * out_f
+
+
+def linear(x: Tensor, layer: Layer, st: State, i: int, lr: float) -> Tensor:
+    """(T, M, in) -> (T, M, out) at each task's adapted weights (the shared ones if not adapted)."""
     T, M, _ = x.shape
+    if i in st.weights:
+        w, b = st.weights[i]
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
     z = torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()).view(T, M, -1)
+    fac = st.factors.get(i)
     if fac is None:
         return z
     X, D = fac
     return torch.baddbmm(z, torch.bmm(x, X.transpose(1, 2)).add_(1.0), D, alpha=-lr)
 
 
-def linear_input_grad(
-    delta: Tensor, layer: Layer, fac: Factors | None, lr: float, cols: int | None
-) -> Tensor:
+def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float, cols: int | None) -> Tensor:
     """(T, S, out) output gradients -> (T, S, cols) gradients w.r.t. the first ``cols`` inputs."""
     T, S, _ = delta.shape
+    if i in st.weights:
+        w = st.weights[i][0]
+        return torch.bmm(delta, w if cols is None else w[..., :cols])
     w = layer.weight if cols is None else layer.weight[:, :cols]
     g = (delta.reshape(T * S, -1) @ w).view(T, S, -1)
+    fac = st.factors.get(i)
     if fac is None:
         return g
     X, D = fac
@@ -351,10 +430,9 @@ def interaction(tw: Towers, bottom_out: Tensor | None, emb: Tensor) -> tuple[Ten
     vecs = emb if bottom_out is None else torch.cat([bottom_out.unsqueeze(-2), emb], dim=-2)
     if tw.interaction == "concat":
         return vecs.reshape(T, M, -1), None
-    assert tw.flat is not None
+    assert tw.pairs is not None
     v = vecs.reshape(T * M, vecs.shape[-2], d)
-    pairs = _DotInteraction.apply(v, tw.flat).view(T, M, -1)
-    feats = pairs if bottom_out is None else torch.cat([bottom_out, pairs], dim=-1)
+    feats = _DotFeatures.apply(v, tw.pairs, 0 if bottom_out is None else d).view(T, M, -1)
     return feats, v
 
 
@@ -376,7 +454,7 @@ def forward_set(
             h = dense
             for i, layer in enumerate(tw.bottom):
                 bottom_in.append(h)
-                h = torch.relu(linear(h, layer, st.factors.get(i), lr))
+                h = torch.relu(linear(h, layer, st, i, lr))
             bottom_out = h
         x, vecs = interaction(tw, bottom_out, emb)
     else:
@@ -384,7 +462,7 @@ def forward_set(
     top_in = []
     for j, layer in enumerate(tw.top):
         top_in.append(x)
-        x = linear(x, layer, st.factors.get(n_bottom + j), lr)
+        x = linear(x, layer, st, n_bottom + j, lr)
         if j < len(tw.top) - 1:
             x = torch.relu(x)
     return Cache(bottom_in, bottom_out, emb, top_in, x.squeeze(-1), vecs)
@@ -416,18 +494,18 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
         if j > 0:
             if not (lower_top_adapted or go_below_top):
                 break
-            g = linear_input_grad(delta, layer, st.factors.get(i), lr, None)
-            delta = g * (c.top_in[j] > 0)
+            g = linear_input_grad(delta, layer, st, i, lr, None)
+            delta = _relu_grad(g, c.top_in[j])
             continue
         if not go_below_top:
             break
         d = tw.dim
         n = tw.n_vec
         if need_emb:
-            g_feat = linear_input_grad(delta, layer, st.factors.get(i), lr, None)
+            g_feat = linear_input_grad(delta, layer, st, i, lr, None)
         else:  # only what reaches the bottom output: its d direct columns (+ its n-1 dot pairs)
             cols = d if tw.interaction == "concat" else d + n - 1
-            g_feat = linear_input_grad(delta, layer, st.factors.get(i), lr, cols)
+            g_feat = linear_input_grad(delta, layer, st, i, lr, cols)
         T, S = g_feat.shape[:2]
         g_bottom = None
         if tw.interaction == "concat":
@@ -436,13 +514,12 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
             if need_emb:
                 g_emb = g_feat[..., (d if tw.has_bottom else 0) :].reshape(T, S, tw.num_fields, d)
         else:
-            assert tw.flat is not None and c.vecs is not None
+            assert tw.pairs is not None and c.vecs is not None
             off = d if tw.has_bottom else 0
             if need_emb:
-                g_v = _DotInteractionGrad.apply(c.vecs, g_feat[..., off:].reshape(T * S, -1), tw.flat)
-                g_v = g_v.view(T, S, n, d)
+                g_v = _DotGrad.apply(c.vecs, g_feat.reshape(T * S, -1), tw.pairs, off).view(T, S, n, d)
                 if tw.has_bottom:
-                    g_bottom = g_feat[..., :d] + g_v[:, :, 0]
+                    g_bottom = g_v[:, :, 0]
                     g_emb = g_v[:, :, 1:]
                 else:
                     g_emb = g_v
@@ -451,16 +528,22 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
                 g_bottom = g_feat[..., :d] + torch.bmm(pair0, c.emb.reshape(T * S, n - 1, d)).view(T, S, d)
         if need_bottom and g_bottom is not None:
             assert c.bottom_out is not None
-            delta = g_bottom * (c.bottom_out > 0)
+            delta = _relu_grad(g_bottom, c.bottom_out)
             for i in range(n_bottom - 1, -1, -1):
                 layer = tw.bottom[i]
                 if layer.adapted:
                     out[i] = (c.bottom_in[i], delta)
                 if i == 0 or not any(x.adapted for x in tw.bottom[:i]):
                     break
-                g = linear_input_grad(delta, layer, st.factors.get(i), lr, None)
-                delta = g * (c.bottom_in[i] > 0)
+                g = linear_input_grad(delta, layer, st, i, lr, None)
+                delta = _relu_grad(g, c.bottom_in[i])
     return InnerGrads(out, g_emb)
+
+
+def _relu_grad(g: Tensor, relu_out: Tensor) -> Tensor:
+    """g * (relu_out > 0) in one op, differentiable w.r.t. g only (the mask is a constant: without the
+    detach autograd would build and accumulate a zero gradient for relu_out)."""
+    return torch.ops.aten.threshold_backward(g, relu_out.detach(), 0.0)
 
 
 def bce_grad(logits: Tensor, label: Tensor, weight: Tensor) -> Tensor:
@@ -550,6 +633,9 @@ def run_meta(
     tr = task_rows(s_ix, q_ix, rows.shape[0]) if (adapt_embeddings and steps > 0) else None
 
     st = State()
+    layers = inner_tw.bottom + inner_tw.top
+    S = sup.mask.shape[1]
+    materialized = {i for i, x in enumerate(layers) if x.adapted and materialize_layer(x, steps * S)}
     # ANIL-like: neither the bottom tower nor the embeddings adapt -> the top input is fixed.
     fixed_feats = steps > 0 and not adapt_embeddings and not any(x.adapted for x in tw.bottom)
     support_logits = None
@@ -577,8 +663,8 @@ def run_meta(
         with torch.enable_grad() if second_order else torch.no_grad():
             dlogit = bce_grad(c.logits, label_s, weight_s)
             g = inner_backward(inner_tw, st, lr, c, dlogit, need_emb=tr is not None)
-            for i, f in g.layers.items():
-                st.factors[i] = _grow(st.factors.get(i), f)
+            for i, (x, dd) in g.layers.items():
+                st.update(i, layers[i], x, dd, lr, i in materialized)
             if tr is not None and g.emb is not None:
                 idx, vals = _emb_position_grads(g.emb, tr.support, fs)
                 d = rows.shape[-1]
@@ -591,6 +677,13 @@ def run_meta(
     # The query forward: attached params (training) with the inner loop's factors.
     with torch.enable_grad() if track_grad else torch.no_grad():
         q_tw = tw if track_grad else tw.detached()
+        if track_grad and not second_order and st.weights:
+            # first order: value of the per-task weights, gradient of the identity to the shared ones
+            q_layers = q_tw.bottom + q_tw.top
+            st.weights = {
+                i: (q_layers[i].weight + (w - layers[i].weight), q_layers[i].bias + (b - layers[i].bias))
+                for i, (w, b) in st.weights.items()
+            }
         e_q = e_q0
         if tr is not None and st.row_delta is not None:
             e_q = e_q0 + gather(st.row_delta, tr.query)
