@@ -22,6 +22,7 @@ from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.tasks import TaskConfig
 from gmeta.meta.inner import META_ALGORITHMS, MetaConfig, make_meta_config
 from gmeta.meta.module import EVAL_MODES, MetaDLRMModule
+from gmeta.parallel import HybridParallelStrategy
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf"
@@ -185,12 +186,30 @@ def test_data_instantiates_without_touching_disk(name: str, tmp_path, monkeypatc
     assert list(root.iterdir()) == []  # nothing created, nothing fetched
 
 
-@pytest.mark.parametrize("name,accelerator", [("cpu", "cpu"), ("gpu", "gpu")])
-def test_cluster_options(name: str, accelerator: str) -> None:
+#: cluster option -> (accelerator, devices, process group backend of HybridParallelStrategy or None)
+CLUSTERS = {
+    "cpu": ("cpu", 1, None),
+    "gpu": ("gpu", 1, None),
+    "ddp_cpu": ("cpu", 2, "gloo"),
+    "multi_gpu": ("gpu", -1, "nccl"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CLUSTERS))
+def test_cluster_options(name: str) -> None:
+    accelerator, devices, backend = CLUSTERS[name]
     cfg = train_cfg(f"cluster={name}")
     assert cfg.trainer.accelerator == accelerator
-    assert cfg.trainer.devices == 1
+    assert cfg.trainer.devices == devices
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"  # merged into, not replacing, the trainer
+    if backend is None:
+        assert "strategy" not in cfg.trainer
+        return
+    strategy = instantiate(cfg.trainer.strategy)  # builds the object only: no process is started
+    assert isinstance(strategy, HybridParallelStrategy)
+    assert strategy.process_group_backend == backend
+    assert strategy._timeout.total_seconds() == cfg.trainer.strategy.collective_timeout_s == 600
+    assert cfg.trainer.num_nodes == 1
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
@@ -295,7 +314,7 @@ def test_config_tree_is_what_the_tests_cover() -> None:
     assert by_group["meta"] == set(META_OPTIONS)
     assert by_group["data"] == {*DATA_OPTIONS, "tabular"}  # tabular: tests/integration/test_tabular.py
     assert by_group["experiment"] == set(EXPERIMENTS)
-    assert by_group["cluster"] == {"cpu", "gpu"}
+    assert by_group["cluster"] == set(CLUSTERS)
     assert by_group["debug"] == {"default", "fdr"}
     assert {p.name for p in CONF.glob("*.yaml")} == {"train.yaml", "eval.yaml"}
 
