@@ -1,0 +1,213 @@
+"""The fast meta step (gmeta.meta.fast) against the vmap path and the per-task loop.
+
+Meta-gradients w.r.t. the dense params AND the looked-up embedding rows, the loss and the adapted
+predictions must agree: float64 to 1e-10 relative, float32 to 1e-4 relative. Both forms of an adapted
+layer (low-rank factors and materialized per-task weights) are forced in turn, so each is tested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tiny_tasks import random_batch
+
+from gmeta.data.batch import TaskBatch, pad_tasks
+from gmeta.meta import fast
+from gmeta.meta.inner import MetaConfig, make_meta_config, meta_loss, meta_loss_reference, predict
+from gmeta.model.dlrm import DLRM
+from gmeta.model.embedding import EmbeddingCollection
+
+VOCAB = (7, 5, 9, 6)  # 2 sparse + 2 multi-hot fields
+DIM = 4
+LR = 0.3
+
+
+def make_models(interaction: str, dtype: torch.dtype, seed: int = 0, num_dense: int = 3):
+    torch.manual_seed(seed)
+    emb = EmbeddingCollection(VOCAB, 2, DIM, init_std=0.5).to(dtype)
+    model = DLRM(len(VOCAB), num_dense, DIM, bottom_mlp=(6, 5), top_mlp=(8, 7), interaction=interaction)
+    return emb, model.to(dtype)
+
+
+def make_batch(seed: int = 0) -> TaskBatch:
+    """Variable-size tasks (padded samples hold garbage), then two masked dummy tasks."""
+    batch = random_batch(seed, support_sizes=[5, 2, 4, 3], query_sizes=[3, 1, 2, 4])
+    assert not batch.support.mask.all() and not batch.query.mask.all()
+    return pad_tasks(batch, batch.num_tasks + 2)
+
+
+def run(fn, emb, model, batch: TaskBatch, cfg: MetaConfig) -> dict[str, torch.Tensor]:
+    """Loss, dense grads by name and row grads scattered to the (num_total_rows, d) table."""
+    lk = emb.lookup(batch)
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    out = fn(model, params, lk.rows, lk, batch, cfg)
+    loss = out[0] if isinstance(out, tuple) else out
+    loss.backward()
+    rows = torch.zeros_like(emb.weight)
+    if lk.rows.grad is not None:
+        rows[lk.unique_ids] = lk.rows.grad
+    res = {"loss": loss.detach(), "rows": rows}
+    res.update({k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()})
+    return res
+
+
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
+    """max |a - b| / max |b| per entry (in float64)."""
+    out = {}
+    for k in b:
+        x, y = a[k].double(), b[k].double()
+        out[k] = float((x - y).abs().max() / y.abs().max().clamp(min=1e-300))
+    return out
+
+
+def assert_close(a, b, tol: float) -> None:
+    diffs = rel_diff(a, b)
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] <= tol, f"{worst}: relative difference {diffs[worst]:.3e} > {tol:.0e} ({diffs})"
+
+
+@pytest.fixture(params=["low_rank", "materialized"])
+def layer_form(request, monkeypatch) -> str:
+    """Force every adapted layer into one form (the cost model would pick per layer)."""
+    monkeypatch.setattr(fast, "materialize_layer", lambda layer, rows: request.param == "materialized")
+    return request.param
+
+
+@pytest.fixture
+def fast_calls(monkeypatch) -> list[int]:
+    """Counts calls of the fast path, so a test cannot pass by silently falling back to vmap."""
+    calls: list[int] = []
+    real = fast.run_meta
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fast, "run_meta", spy)
+    return calls
+
+
+def configs(name: str, steps: int, adapt_embeddings: bool, **kw) -> tuple[MetaConfig, MetaConfig]:
+    cfg = make_meta_config(name, inner_steps=steps, inner_lr=LR, adapt_embeddings=adapt_embeddings, **kw)
+    return cfg, dataclasses.replace(cfg, implementation="vmap")
+
+
+CASES = [
+    (name, steps, adapt_embeddings)
+    for name in ("maml", "fomaml", "anil")
+    for steps in (1, 3)
+    for adapt_embeddings in (False, True)
+]
+
+
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), CASES)
+def test_float64_fast_equals_vmap_and_loop(
+    interaction, name, steps, adapt_embeddings, layer_form, fast_calls
+):
+    emb, model = make_models(interaction, torch.float64)
+    batch = make_batch()
+    cfg, cfg_vmap = configs(name, steps, adapt_embeddings)
+    got = run(meta_loss, emb, model, batch, cfg)
+    assert fast_calls, "the fast path was not used"
+    assert_close(got, run(meta_loss, emb, model, batch, cfg_vmap), 1e-10)
+    assert_close(got, run(meta_loss_reference, emb, model, batch, cfg), 1e-10)
+    # the gradients are not trivially zero: every param and the rows get a signal
+    assert all(float(g.abs().max()) > 0 for g in got.values())
+
+    lk = emb.lookup(batch)
+    params = dict(model.named_parameters())
+    for adapted in (True, False):
+        p_fast = predict(model, params, lk.rows, lk, batch, cfg, adapted=adapted)
+        p_vmap = predict(model, params, lk.rows, lk, batch, cfg_vmap, adapted=adapted)
+        assert float((p_fast - p_vmap).abs().max() / p_vmap.abs().max()) <= 1e-10
+        assert not p_fast.requires_grad
+    assert lk.rows.grad is None and all(p.grad is None for p in params.values())
+
+
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), CASES)
+def test_float32_fast_equals_vmap(interaction, name, steps, adapt_embeddings, layer_form):
+    emb64, model64 = make_models(interaction, torch.float64, seed=1)
+    emb32, model32 = make_models(interaction, torch.float32, seed=1)
+    batch = make_batch(1)
+    cfg, cfg_vmap = configs(name, steps, adapt_embeddings)
+    got = run(meta_loss, emb32, model32, batch, cfg)
+    assert_close(got, run(meta_loss, emb32, model32, batch, cfg_vmap), 1e-4)
+    assert_close(got, run(meta_loss, emb64, model64, batch, cfg_vmap), 1e-4)
+
+
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
+@pytest.mark.parametrize("name", ["maml", "fomaml", "none"])
+def test_support_loss_weight_and_no_bottom_tower(interaction, name, layer_form):
+    """The reused step-0 support forward gives the same support term; models without dense features."""
+    for num_dense in (3, 0):
+        emb, model = make_models(interaction, torch.float64, seed=2, num_dense=num_dense)
+        batch = make_batch(2)
+        if num_dense == 0:
+            strip = lambda s: dataclasses.replace(s, dense=s.dense[..., :0])  # noqa: E731
+            batch = dataclasses.replace(batch, support=strip(batch.support), query=strip(batch.query))
+        cfg, cfg_vmap = configs(name, 3, True, support_loss_weight=0.7)
+        got = run(meta_loss, emb, model, batch, cfg)
+        assert_close(got, run(meta_loss, emb, model, batch, cfg_vmap), 1e-10)
+        lk = emb.lookup(batch)
+        params = dict(model.named_parameters())
+        _, stats = meta_loss(model, params, lk.rows, lk, batch, cfg)
+        _, stats_vmap = meta_loss(model, params, lk.rows, lk, batch, cfg_vmap)
+        for k in stats:
+            torch.testing.assert_close(stats[k], stats_vmap[k], rtol=1e-10, atol=1e-12)
+
+
+def test_dummy_tasks_and_padding_contribute_nothing(layer_form):
+    """Two more dummy tasks and more padding (garbage) change nothing, to rounding."""
+    emb, model = make_models("dot", torch.float64, seed=3)
+    batch = make_batch(3)
+    cfg, _ = configs("maml", 3, True, support_loss_weight=0.5)
+    base = run(meta_loss, emb, model, batch, cfg)
+    more = pad_tasks(batch, batch.num_tasks + 2)
+    assert_close(run(meta_loss, emb, model, more, cfg), base, 1e-12)
+
+
+def test_inner_steps_zero_and_nothing_adapted_is_shared_weights():
+    emb, model = make_models("dot", torch.float64, seed=4)
+    batch = make_batch(4)
+    for cfg in (
+        make_meta_config("maml", inner_steps=0),
+        make_meta_config("maml", inner_steps=2, adapt_groups=()),
+    ):
+        got = run(meta_loss, emb, model, batch, cfg)
+        assert_close(
+            got, run(meta_loss, emb, model, batch, dataclasses.replace(cfg, implementation="vmap")), 1e-12
+        )
+        lk = emb.lookup(batch)
+        params = dict(model.named_parameters())
+        a = predict(model, params, lk.rows, lk, batch, cfg, adapted=True)
+        b = predict(model, params, lk.rows, lk, batch, cfg, adapted=False)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_unknown_model_structure_falls_back_to_vmap(fast_calls):
+    """A tower the fast path does not know (here: a Tanh) runs the vmap path, with the same numbers."""
+    emb, model = make_models("dot", torch.float64, seed=5)
+    model.top[1] = torch.nn.Tanh()
+    assert fast.towers_of(model, dict(model.named_parameters()), ("bottom", "top")) is None
+    batch = make_batch(5)
+    cfg, cfg_vmap = configs("maml", 2, True)
+    got = run(meta_loss, emb, model, batch, cfg)
+    assert not fast_calls
+    assert_close(got, run(meta_loss, emb, model, batch, cfg_vmap), 0.0)
+    assert_close(got, run(meta_loss_reference, emb, model, batch, cfg), 1e-10)
+
+
+def test_cost_model_picks_low_rank_for_wide_layers_and_few_samples():
+    w = torch.zeros(512, 415)
+    assert not fast.materialize_layer(fast.Layer(w, w[:, 0], True), rows=16)
+    assert fast.materialize_layer(fast.Layer(w[:64, :144], w[:64, 0], True), rows=3 * 79)
+
+
+def test_meta_config_implementation():
+    assert MetaConfig().implementation == "fast"
+    with pytest.raises(ValueError, match="implementation"):
+        MetaConfig(implementation="jit")
