@@ -127,7 +127,9 @@ def test_meta_options(name: str, tmp_path) -> None:
         "adapt_embeddings",
         "first_order",
         "support_loss_weight",
+        "implementation",
     }
+    assert meta["implementation"] == "fast"  # the vmap path is the reference for tests
     assert meta["support_loss_weight"] == 0.0  # pure MAML unless an experiment asks for more
     assert meta["first_order"] is (name == "fomaml")
     assert meta["adapt_groups"] == (["top"] if name == "anil" else ["bottom", "top"])
