@@ -1,13 +1,16 @@
-"""Training-step throughput of the meta-learning objectives (issue 4 baseline, no fast path).
+"""Training-step throughput of the meta-learning objectives (issue 4).
 
 Builds ONE model (``EmbeddingCollection`` + ``DLRM``) and ONE list of task-grouped meta-batches
 (``TaskBatch``) per config, then times, in the same process and on the same batches, the variants
 
-* ``plain``     ``meta_loss`` with meta name ``none`` (plain DLRM training on all support+query samples);
-* ``maml``      ``meta_loss`` with second-order MAML (vmapped inner loop);
-* ``fomaml``    ``meta_loss`` with first-order MAML;
-* ``maml_loop`` ``meta_loss_reference`` with the MAML config: one Python iteration per task with
-  ``torch.autograd.grad(create_graph=True)`` (the obvious implementation).
+* ``plain``       ``meta_loss`` with meta name ``none`` (plain DLRM training on all support+query
+  samples, one forward over both sets; same kernels as the fast meta step);
+* ``maml``        ``meta_loss`` with second-order MAML, fast path (``gmeta.meta.fast``);
+* ``fomaml``      ``meta_loss`` with first-order MAML, fast path;
+* ``maml_loop``   ``meta_loss_reference`` with the MAML config: one Python iteration per task with
+  ``torch.autograd.grad(create_graph=True)`` (the obvious implementation);
+* ``maml_vmap`` / ``fomaml_vmap``  the same objectives with ``implementation=vmap`` (the
+  ``torch.func.vmap`` inner loop, the earlier implementation and the tests' reference).
 
 Variants run round-robin (one step of each per round) so machine drift hits them all equally.
 A *step* is what ``MetaDLRMModule.training_step`` does, without Lightning: embedding lookup, loss,
@@ -30,7 +33,8 @@ on CUDA ``torch.cuda.max_memory_allocated`` during one extra step minus the memo
 on CPU the growth of the process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) during one
 extra step above the RSS before it, after ``malloc_trim(0)`` has handed glibc's free heap back to the
 OS (so: roughly the extra memory a step needs on top of model + batches; allocator slack can add to it). Finally the samples/s ratios
-maml/plain, fomaml/plain and maml/maml_loop.
+maml/plain, fomaml/plain, maml/maml_loop, maml/maml_vmap, fomaml/fomaml_vmap, maml_vmap/plain and
+fomaml_vmap/plain.
 
 Run (defaults finish in under 10 minutes on 2 CPU cores)::
 
@@ -51,7 +55,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +76,7 @@ from gmeta.model.embedding import EmbeddingCollection
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS_SHARDS = ROOT / "data" / "movielens1m" / "shards"
-VARIANTS: tuple[str, ...] = ("plain", "maml", "fomaml", "maml_loop")
+VARIANTS: tuple[str, ...] = ("plain", "maml", "fomaml", "maml_loop", "maml_vmap", "fomaml_vmap")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -178,6 +182,11 @@ def build_model(
     return emb, dlrm, opt
 
 
+def vmap_variants(metas: dict[str, MetaConfig]) -> dict[str, MetaConfig]:
+    """``maml_vmap`` / ``fomaml_vmap``: the ``maml`` / ``fomaml`` configs on the vmap implementation."""
+    return {f"{v}_vmap": replace(metas[v], implementation="vmap") for v in ("maml", "fomaml")}
+
+
 def real_samples(batch: TaskBatch) -> int:
     tm = batch.task_mask[:, None]
     return int((batch.support.mask & tm).sum()) + int((batch.query.mask & tm).sum())
@@ -275,6 +284,7 @@ def setup_criteo(args: argparse.Namespace, device: torch.device, dtype: torch.dt
         "fomaml": make_meta_config("fomaml", **kw),
         "maml_loop": make_meta_config("maml", **kw),
     }
+    metas.update(vmap_variants(metas))
     info = {
         "rows_per_table": rows,
         "tables": 26,
@@ -329,6 +339,7 @@ def setup_movielens(args: argparse.Namespace, device: torch.device, dtype: torch
         "fomaml": make_meta_config("fomaml", **kw),
         "maml_loop": make_meta_config("maml", **kw),
     }
+    metas.update(vmap_variants(metas))
     info = {
         "shards": str(data_dir),
         "tasks": args.movielens_tasks,
@@ -404,19 +415,23 @@ def ratios(name: str, results: list[dict]) -> dict[str, Any]:
         "maml/plain": ratio("maml", "plain"),
         "fomaml/plain": ratio("fomaml", "plain"),
         "maml/maml_loop": ratio("maml", "maml_loop"),
+        "maml/maml_vmap": ratio("maml", "maml_vmap"),
+        "fomaml/fomaml_vmap": ratio("fomaml", "fomaml_vmap"),
+        "maml_vmap/plain": ratio("maml_vmap", "plain"),
+        "fomaml_vmap/plain": ratio("fomaml_vmap", "plain"),
     }
 
 
 def print_table(results: list[dict]) -> None:
     header = (
-        f"{'bench':<10} {'variant':<10} {'samples/s':>11} {'step_ms':>10} {'steps':>5} {'peak_mb':>9}  device"
+        f"{'bench':<10} {'variant':<12} {'samples/s':>11} {'step_ms':>10} {'steps':>5} {'peak_mb':>9}  device"
     )
     print(header)
     print("-" * len(header))
     for r in results:
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         print(
-            f"{r['bench']:<10} {r['variant']:<10} {r['samples_per_s']:>11.1f} {r['step_ms']:>10.1f} "
+            f"{r['bench']:<10} {r['variant']:<12} {r['samples_per_s']:>11.1f} {r['step_ms']:>10.1f} "
             f"{r['timed_steps']:>5} {peak:>9}  {r['device']}"
         )
 
@@ -485,11 +500,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print_table(results)
     for r in summary:
-        print(
-            f"{r['bench']}: maml/plain {r['maml/plain'] or float('nan'):.3f}, "
-            f"fomaml/plain {r['fomaml/plain'] or float('nan'):.3f}, "
-            f"maml/maml_loop {r['maml/maml_loop'] or float('nan'):.3f} (samples/s ratios)"
-        )
+        parts = [f"{k} {v:.3f}" for k, v in r.items() if "/" in k and v is not None]
+        print(f"{r['bench']}: " + ", ".join(parts) + " (samples/s ratios)")
     print()
     lines = [json.dumps(r) for r in results + summary]
     for line in lines:

@@ -33,13 +33,20 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
     lines = run_json("bench_train.py", *args, "--json-out", str(out), tmp=tmp_path)
     assert [json.loads(x) for x in out.read_text().splitlines()] == lines
     rows = [r for r in lines if r["variant"] != "ratios"]
-    assert {r["variant"] for r in rows} == {"plain", "maml", "fomaml", "maml_loop"}
+    assert {r["variant"] for r in rows} == {
+        "plain",
+        "maml",
+        "fomaml",
+        "maml_loop",
+        "maml_vmap",
+        "fomaml_vmap",
+    }
     for r in rows:
         assert r["bench"] == "criteo" and r["device"] == "cpu"
         assert positive(r["samples_per_s"]) and positive(r["step_ms"])
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
     (ratios,) = [r for r in lines if r["variant"] == "ratios"]
-    for key in ("maml/plain", "fomaml/plain", "maml/maml_loop"):
+    for key in ("maml/plain", "fomaml/plain", "maml/maml_loop", "maml/maml_vmap", "fomaml/fomaml_vmap"):
         assert positive(ratios[key])
 
 
