@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from gmeta.data.batch import batch_from_arrays, batch_to_arrays, collate_chunk_tasks, collate_tasks
+from gmeta.data.batch import (
+    batch_from_arrays,
+    batch_to_arrays,
+    collate_chunk_runs,
+    collate_chunk_tasks,
+    collate_tasks,
+)
 from gmeta.data.shards import (
     MANIFEST,
     ShardError,
@@ -103,8 +109,15 @@ def test_chunk_collation_equals_record_collation(shard_dir):
     rng = np.random.default_rng(0)
     shuffled = [items[j] for j in rng.permutation(len(items))[:13]]  # several chunks, interleaved
     grouped = sorted(shuffled, key=lambda t: id(t[0]))  # each chunk's tasks adjacent
-    for batch_items in (shuffled, grouped, items[3:9], items[:1]):
-        fast = collate_chunk_tasks(batch_items)
+    runs = [
+        (chunks[1], np.array([4, 0, 7])),
+        (chunks[0], np.array([], dtype=np.int64)),
+        (chunks[3], np.array([2])),
+    ]
+    run_items = [(c, int(i)) for c, ix in runs for i in ix]
+    cases = [(collate_chunk_tasks(b), b) for b in (shuffled, grouped, items[3:9], items[:1])]
+    cases.append((collate_chunk_runs(runs), run_items))
+    for fast, batch_items in cases:
         ref = collate_tasks([c.record(i) for c, i in batch_items])
         assert fast.task_ids == ref.task_ids
         assert torch.equal(fast.state, ref.state) and torch.equal(fast.task_mask, ref.task_mask)

@@ -136,14 +136,18 @@ class TaskChunk:
     arrays: dict[str, np.ndarray]
     padded: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     _slots: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
+    _sizes: dict[str, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_ids)
 
     def sizes(self, which: str) -> np.ndarray:
-        """Samples per task in set ``which`` (int64, ``(num_tasks,)``)."""
-        return np.diff(self.offsets[which])
+        """Samples per task in set ``which`` (int64, ``(num_tasks,)``; cached)."""
+        out = self._sizes.get(which)
+        if out is None:
+            out = self._sizes[which] = np.diff(self.offsets[which])
+        return out
 
     def record(self, i: int) -> TaskRecord:
         """Task ``i`` as a ``TaskRecord`` (arrays are views into the chunk)."""
@@ -223,12 +227,28 @@ def _gather_set(
     )
 
 
+def _collate_groups(
+    groups: Sequence[tuple[TaskChunk, np.ndarray, np.ndarray]], task_ids: list[str]
+) -> TaskBatch:
+    t = len(task_ids)
+    state = np.empty(t, dtype=np.int64)
+    for c, pos, ix in groups:
+        state[pos] = c.states[ix]
+    return TaskBatch(
+        support=_gather_set(groups, t, "support"),
+        query=_gather_set(groups, t, "query"),
+        state=torch.from_numpy(state),
+        task_mask=torch.ones(t, dtype=torch.bool),
+        task_ids=task_ids,
+    )
+
+
 def collate_chunk_tasks(items: Sequence[tuple[TaskChunk, int]]) -> TaskBatch:
     """Collate tasks given as (chunk, task index) pairs, in this order, into one ``TaskBatch``.
 
     Equal to ``collate_tasks([c.record(i) for c, i in items])``, but copies each array of each
     chunk involved with one vectorised gather instead of a Python loop over tasks (fastest when
-    the tasks of each chunk are adjacent in ``items``).
+    the tasks of each chunk are adjacent in ``items``; see also ``collate_chunk_runs``).
     """
     if not items:
         raise ValueError("collate_chunk_tasks got an empty list of tasks")
@@ -243,17 +263,25 @@ def collate_chunk_tasks(items: Sequence[tuple[TaskChunk, int]]) -> TaskBatch:
         (c, np.asarray(pos, dtype=np.int64), np.asarray(ix, dtype=np.int64))
         for c, pos, ix in by_chunk.values()
     ]
-    t = len(items)
-    state = np.empty(t, dtype=np.int64)
-    for c, pos, ix in groups:
-        state[pos] = c.states[ix]
-    return TaskBatch(
-        support=_gather_set(groups, t, "support"),
-        query=_gather_set(groups, t, "query"),
-        state=torch.from_numpy(state),
-        task_mask=torch.ones(t, dtype=torch.bool),
-        task_ids=[c.task_ids[i] for c, i in items],
-    )
+    return _collate_groups(groups, [c.task_ids[i] for c, i in items])
+
+
+def collate_chunk_runs(runs: Sequence[tuple[TaskChunk, np.ndarray]]) -> TaskBatch:
+    """Collate runs of tasks, ``(chunk, task indices)`` each, into one ``TaskBatch`` in this order.
+
+    Equal to ``collate_chunk_tasks([(c, int(i)) for c, ix in runs for i in ix])`` without any
+    per-task Python work: every run is one contiguous block of the batch.
+    """
+    if not runs or not sum(len(ix) for _, ix in runs):
+        raise ValueError("collate_chunk_runs got an empty list of tasks")
+    groups, task_ids, lo = [], [], 0
+    for c, ix in runs:
+        ix = np.asarray(ix, dtype=np.int64)
+        if len(ix):
+            groups.append((c, np.arange(lo, lo + len(ix)), ix))
+            task_ids += [c.task_ids[i] for i in ix.tolist()]
+            lo += len(ix)
+    return _collate_groups(groups, task_ids)
 
 
 _WIRE_FIELDS: tuple[str, ...] = ("sparse", "multi_hot", "dense", "label", "mask")

@@ -33,7 +33,7 @@ from gmeta.data.batch import (
     TaskRecord,
     batch_from_arrays,
     batch_to_arrays,
-    collate_chunk_tasks,
+    collate_chunk_runs,
     collate_tasks,
 )
 from gmeta.data.schema import MULTI_HOT_PAD, Schema
@@ -43,8 +43,8 @@ from gmeta.data.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
 
-#: one task of a decoded shard: (chunk, index in the chunk)
-Task = tuple[TaskChunk, int]
+#: tasks as handles: (ids of their decoded shards, indices in those shards), two int64 arrays
+Handles = tuple[np.ndarray, np.ndarray]
 
 
 def dummy_record(schema: Schema) -> TaskRecord:
@@ -69,15 +69,6 @@ def dummy_batch(schema: Schema) -> TaskBatch:
     batch.query.mask[:] = False
     batch.task_ids = [""]
     return batch
-
-
-def _by_chunk(tasks: list[Task]) -> list[Task]:
-    """The batch's tasks with each shard's tasks adjacent (stable): collation then copies each
-    shard's share with one gather per array. The batch content is unchanged."""
-    first: dict[int, int] = {}
-    for c, _ in tasks:
-        first.setdefault(id(c), len(first))
-    return tasks if len(first) == 1 else sorted(tasks, key=lambda t: first[id(t[0])])
 
 
 class TaskStreamDataset(IterableDataset):
@@ -169,35 +160,36 @@ class TaskStreamDataset(IterableDataset):
         return self.rank_batches(self.rank, num_workers, epoch)
 
     # -- iteration ---------------------------------------------------------------------------
-    def _records(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[TaskChunk, int]]:
-        """This slot's tasks as (chunk, index) handles, shard by shard (each shard decoded at once)."""
+    def _blocks(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[TaskChunk, np.ndarray]]:
+        """This slot's tasks shard by shard: (decoded shard, indices of the tasks this slot keeps)."""
         shards, stride = self.slot_plan(slot, num_slots, epoch)
         index = 0
         for i in shards:
             chunk = read_shard(self.shards[i], self.schema, expected_tasks=self.shard_tasks[i])
             n = chunk.num_tasks
-            if stride is None:
-                yield from ((chunk, k) for k in range(n))
-            else:
-                first = (slot - index) % stride
-                yield from ((chunk, k) for k in range(first, n, stride))
+            first, step = (0, 1) if stride is None else ((slot - index) % stride, stride)
+            yield chunk, np.arange(first, n, step, dtype=np.int64)
             index += n
 
-    def _shuffled(self, records: Iterator[Task], rng: np.random.Generator) -> Iterator[Task]:
-        """Buffer shuffle: each incoming task replaces (and emits) a random buffered one."""
-        buffer: list[Task] = []
-        draws: list[float] = []
-        for r in records:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(r)
-                continue
-            if not draws:
-                draws = rng.random(1024).tolist()
-            j = int(draws.pop() * len(buffer))
-            yield buffer[j]
-            buffer[j] = r
-        rng.shuffle(buffer)  # type: ignore[arg-type]
-        yield from buffer
+    def _shuffled(self, blocks: Iterator[Handles], rng: np.random.Generator) -> Iterator[Handles]:
+        """Pool shuffle over (shard id, task index) handles, one shard at a time.
+
+        Each incoming shard's tasks join a pool; whatever exceeds ``shuffle_buffer`` leaves it as a
+        uniformly random subset in random order, and the rest of the pool is emitted permuted at the
+        end. Like a per-task buffer shuffle, a task can leave soon or stay long, but the work is a
+        few array operations per shard instead of a Python step per task.
+        """
+        pool_c = pool_i = np.empty(0, dtype=np.int64)
+        for c, i in blocks:
+            pool_c, pool_i = np.concatenate([pool_c, c]), np.concatenate([pool_i, i])
+            excess = len(pool_c) - self.shuffle_buffer
+            if excess > 0:
+                perm = rng.permutation(len(pool_c))
+                out, keep = perm[:excess], perm[excess:]
+                yield pool_c[out], pool_i[out]
+                pool_c, pool_i = pool_c[keep], pool_i[keep]
+        perm = rng.permutation(len(pool_c))
+        yield pool_c[perm], pool_i[perm]
 
     def __iter__(self) -> Iterator[TaskBatch]:
         """This rank/worker's batches of the current epoch.
@@ -217,17 +209,42 @@ class TaskStreamDataset(IterableDataset):
         num_slots = self.world_size * num_workers
         slot = self.rank * num_workers + worker
         epoch = self.epoch
-        records = self._records(slot, num_slots, epoch)
+        # decoded shards still holding tasks that have not been batched, by shard id
+        live: dict[int, TaskChunk] = {}
+        left: dict[int, int] = {}
+
+        def handles() -> Iterator[Handles]:
+            for cid, (chunk, idx) in enumerate(self._blocks(slot, num_slots, epoch)):
+                live[cid], left[cid] = chunk, len(idx)
+                yield np.full(len(idx), cid, dtype=np.int64), idx
+
+        def collate(cids: np.ndarray, idx: np.ndarray) -> TaskBatch:
+            # each shard's tasks adjacent (stable): one gather per array per shard; same content
+            order = np.argsort(cids, kind="stable")
+            cids, idx = cids[order], idx[order]
+            cuts = np.flatnonzero(cids[1:] != cids[:-1]) + 1
+            runs = []
+            for cid, part in zip(cids[np.r_[0, cuts]].tolist(), np.split(idx, cuts), strict=True):
+                runs.append((live[cid], part))
+                left[cid] -= len(part)
+                if not left[cid]:
+                    del live[cid], left[cid]  # release the decoded shard
+            return collate_chunk_runs(runs)
+
+        stream = handles()
         if self.shuffle and self.shuffle_buffer > 1:
-            records = self._shuffled(records, np.random.default_rng([self.seed, epoch, slot, 1]))
-        chunk: list[Task] = []
-        for r in records:
-            chunk.append(r)
-            if len(chunk) == self.batch_tasks:
-                yield collate_chunk_tasks(_by_chunk(chunk))
-                chunk = []
-        if chunk and not self.drop_last:
-            yield collate_chunk_tasks(_by_chunk(chunk))
+            stream = self._shuffled(stream, np.random.default_rng([self.seed, epoch, slot, 1]))
+        b = self.batch_tasks
+        pend_c = pend_i = np.empty(0, dtype=np.int64)
+        for c, i in stream:
+            pend_c, pend_i = np.concatenate([pend_c, c]), np.concatenate([pend_i, i])
+            start = 0
+            while len(pend_c) - start >= b:
+                yield collate(pend_c[start : start + b], pend_i[start : start + b])
+                start += b
+            pend_c, pend_i = pend_c[start:], pend_i[start:]
+        if len(pend_c) and not self.drop_last:
+            yield collate(pend_c, pend_i)
         if self.equal_batches and worker == 0:
             workers = num_workers if info is not None else 0
             missing = self.num_batches(workers, epoch) - self.rank_batches(self.rank, workers, epoch)

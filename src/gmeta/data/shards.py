@@ -286,8 +286,10 @@ def _bad_checksum(u8: np.ndarray, header_offsets: list[int], checksums: list[int
     """Index of the first header whose checksum does not match, or None (one vectorised pass)."""
     if not header_offsets:
         return None
-    blocks = u8[np.asarray(header_offsets)[:, None] + np.arange(_BLOCK)].astype(np.int64)
-    computed = blocks.sum(axis=1) - blocks[:, 148:156].sum(axis=1) + 8 * ord(" ")
+    blocks = u8[: len(u8) // _BLOCK * _BLOCK].reshape(-1, _BLOCK)
+    headers = np.take(blocks, np.asarray(header_offsets) // _BLOCK, axis=0)
+    field = headers[:, 148:156].sum(axis=1, dtype=np.int64)
+    computed = headers.sum(axis=1, dtype=np.int64) - field + 8 * ord(" ")
     bad = np.flatnonzero(computed != np.asarray(checksums, dtype=np.int64))
     return int(bad[0]) if bad.size else None
 
