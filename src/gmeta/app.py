@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gmeta.meta.module import MetaDLRMModule
 from gmeta.parallel import shutdown_process_group  # also registers trainer.strategy=hybrid_parallel
+from gmeta.parallel.launch import isolated_launch_env, wait_for_children
 from gmeta.report import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,9 @@ def _report(model: MetaDLRMModule, trainer: L.Trainer, output_dir: Path, title: 
 
 def train(cfg: DictConfig) -> list[dict[str, Any]]:
     """Fit a model (or resume from ``cfg.ckpt_path``), then test its best checkpoint."""
-    records = _train(cfg)
-    shutdown_process_group()  # multi-process runs: a clean gloo exit (and room for the next sweep job)
+    with isolated_launch_env():  # a sweep's next job must not inherit this job's rank variables
+        records = _train(cfg)
+        shutdown_process_group()  # multi-process runs: a clean gloo exit (and room for the next job)
     return records
 
 
@@ -93,19 +95,22 @@ def _train(cfg: DictConfig) -> list[dict[str, Any]]:
     trainer = build_trainer(cfg)
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    if not cfg.get("test", True):
-        return []
-    best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), "")
-    if not best:
-        log.info("no best checkpoint (checkpointing off or fast_dev_run): testing the current weights")
-    trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-    return _report(model, trainer, output_dir, f"test: {cfg.meta.name} ({cfg.task_name})")
+    records = []
+    if cfg.get("test", True):
+        best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), "")
+        if not best:
+            log.info("no best checkpoint (checkpointing off or fast_dev_run): testing the current weights")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        records = _report(model, trainer, output_dir, f"test: {cfg.meta.name} ({cfg.task_name})")
+    wait_for_children(trainer.strategy.launcher)  # this job's other ranks, before the next job starts
+    return records
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate the checkpoint ``cfg.ckpt_path`` on ``cfg.split`` (test or val) of ``cfg.data``."""
-    records = _evaluate(cfg)
-    shutdown_process_group()
+    with isolated_launch_env():
+        records = _evaluate(cfg)
+        shutdown_process_group()
     return records
 
 
@@ -131,6 +136,7 @@ def _evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
     trainer.test(model, datamodule=datamodule)
     records = _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")
+    wait_for_children(trainer.strategy.launcher)
     if cfg.get("report", False) and trainer.world_size > 1:
         # the report re-runs the model on rank 0 alone: impossible with a table sharded over ranks
         log.warning("eval report skipped: it needs one process (cluster=cpu or cluster=gpu)")

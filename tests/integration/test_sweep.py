@@ -30,3 +30,30 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(tmp_path: Path) -> None:
     assert {r["state"] for r in rows} == set(STATES)
     assert len(rows) == 2 * len(STATES) * 2  # jobs x states x (adapted, not adapted)
     assert all("meta=" in r["overrides"] for r in rows)
+
+
+def test_multirun_with_two_process_jobs_runs_each_job_once_in_its_own_dir(tmp_path: Path) -> None:
+    """Lightning+Hydra pitfall: the script launcher re-ran ``-m`` (a sweep per child) and leaked
+    LOCAL_RANK into the next job, which then waited forever for children (``gmeta.parallel.launch``)."""
+    sweep = tmp_path / "sweep"
+    run_entry_point(
+        "train.py",
+        "-m",
+        "+experiment=synthetic_maml",
+        "cluster=ddp_cpu",
+        "trainer.max_epochs=1",
+        "meta=maml,fomaml",
+        f"hydra.sweep.dir={sweep}",
+        tmp=tmp_path,
+    )
+    for job, method in (("0", "maml"), ("1", "fomaml")):
+        job_dir = sweep / job
+        assert (job_dir / "cold_start_metrics.json").is_file()
+        assert (job_dir / "train_ddp_process_1.log").is_file()  # its second rank wrote here
+        assert (job_dir / ".hydra" / "overrides.yaml").read_text().count("meta=") == 1
+        assert f"meta={method}" in (job_dir / ".hydra" / "overrides.yaml").read_text()
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")) == ["0", "1"]
+    with open(sweep / "sweep_summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["job"], r["method"]) for r in rows} == {("0", "maml"), ("1", "fomaml")}
+    assert len(rows) == 2 * len(STATES) * 2

@@ -36,6 +36,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 
 from gmeta.parallel.comm import Communicator
+from gmeta.parallel.launch import HydraJobLauncher
 from gmeta.parallel.sharded_embedding import gathered_state_dict, shard_embeddings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class HybridParallelStrategy(DDPStrategy):
         self.comm = Communicator(timeout_s=collective_timeout_s)
 
     # -- set-up ------------------------------------------------------------------------------------
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        if self._start_method == "popen":  # re-runs the script: make it Hydra-multirun safe
+            assert self.cluster_environment is not None
+            self._launcher = HydraJobLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
     def setup_distributed(self) -> None:
         super().setup_distributed()
         self.comm = Communicator(timeout_s=self.collective_timeout_s)

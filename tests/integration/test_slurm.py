@@ -1,0 +1,138 @@
+"""cluster=slurm: the composed launcher/trainer settings, the sbatch script they produce, the
+step-boundary requeue callback, and a real 2-job multirun through hydra/launcher=submitit_local."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from entry_points import run_entry_point
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader
+
+from gmeta.parallel import HybridParallelStrategy, shutdown_process_group
+from gmeta.parallel.requeue import SlurmRequeue
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts" / "slurm"))
+sys.path.insert(0, str(ROOT / "tests" / "distributed"))
+
+from sbatch_preview import sbatch_text  # noqa: E402
+from worker import local_batch, make_module  # noqa: E402
+
+
+def slurm_cfg(*overrides: str):
+    os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=["cluster=slurm", *overrides], return_hydra_config=True)
+
+
+def test_slurm_config_agrees_between_submitit_and_lightning() -> None:
+    cfg = slurm_cfg("trainer.num_nodes=3", "trainer.devices=4")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    # one srun task per GPU: Lightning's SLURMEnvironment maps SLURM_PROCID to the global rank
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (3, 4, 4)
+    assert launcher.max_num_timeout == 0  # submitit never requeues...
+    assert launcher.additional_parameters.signal == "USR1@300"  # ...its USR2 handler never fires
+    (plugin,) = cfg.trainer.plugins
+    env = instantiate(plugin)
+    assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
+    requeue = instantiate(cfg.callbacks.slurm_requeue)
+    assert isinstance(requeue, SlurmRequeue) and requeue.signum == signal.SIGUSR1  # the sbatch signal
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, HybridParallelStrategy) and strategy.process_group_backend == "nccl"
+
+
+def test_sbatch_script_for_two_nodes_of_eight_gpus(tmp_path: Path) -> None:
+    text = sbatch_text(["+experiment=movielens_maml", "hydra.launcher.partition=gpu"], str(tmp_path))
+    for line in (
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --cpus-per-task=10",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --signal=USR1@300",
+        "#SBATCH --time=1440",
+    ):
+        assert line in text.splitlines(), line
+    assert "srun --unbuffered" in text and "submitit.core._submit" in text
+
+
+def _identity(batch):
+    return batch
+
+
+class SignalAtStep(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)  # as SLURM does signal_delay_s before the kill
+
+
+def _trainer(root: Path, callbacks: list, max_steps: int) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        strategy=HybridParallelStrategy(),
+        default_root_dir=root,
+        max_steps=max_steps,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        use_distributed_sampler=False,
+        inference_mode=False,
+        callbacks=callbacks,
+    )
+
+
+@pytest.fixture
+def one_process_group():
+    yield
+    shutdown_process_group(grace_s=0.1)  # the strategy initialised a 1-process gloo group in pytest
+
+
+def test_requeue_signal_checkpoints_at_the_next_step_boundary_and_resumes(
+    tmp_path: Path, one_process_group: None
+) -> None:
+    batches = DataLoader([local_batch(s, 0, 1) for s in range(6)], batch_size=None, collate_fn=_identity)
+    requeue = SlurmRequeue(requeue=False)
+    trainer = _trainer(tmp_path, [SignalAtStep(), requeue], max_steps=6)
+    trainer.fit(make_module("maml"), train_dataloaders=batches)
+    assert requeue.requested and trainer.global_step == 2  # stopped right after the signalled step
+    assert signal.getsignal(signal.SIGUSR1) is not requeue._handler  # handler removed after fit
+    ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2 and "embedding.weight" in ckpt["state_dict"]
+
+    resumed = _trainer(tmp_path, [], max_steps=6)
+    resumed.fit(make_module("maml"), train_dataloaders=batches, ckpt_path="hpc")  # what SLURM restart does
+    assert resumed.global_step == 6
+
+
+def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run_entry_point(
+        "train.py",
+        "-m",
+        "+experiment=synthetic_maml",
+        "debug=fdr",
+        "hydra/launcher=submitit_local",
+        "meta=maml,none",
+        f"hydra.sweep.dir={sweep}",
+        tmp=tmp_path,
+    )
+    jobs = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
+    assert len(jobs) == 2  # two submitit jobs (separate processes)
+    for job in ("0", "1"):
+        assert (sweep / job / "cold_start_metrics.json").is_file()
+    with open(sweep / "sweep_summary.csv") as f:
+        assert {(r["job"], r["method"]) for r in csv.DictReader(f)} == {("0", "maml"), ("1", "none")}
