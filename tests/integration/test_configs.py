@@ -188,18 +188,19 @@ def test_data_instantiates_without_touching_disk(name: str, tmp_path, monkeypatc
     assert list(root.iterdir()) == []  # nothing created, nothing fetched
 
 
-#: cluster option -> (accelerator, devices, process group backend of HybridParallelStrategy or None)
+#: cluster option -> (accelerator, devices, nodes, HybridParallelStrategy backend or None, timeout s)
 CLUSTERS = {
-    "cpu": ("cpu", 1, None),
-    "gpu": ("gpu", 1, None),
-    "ddp_cpu": ("cpu", 2, "gloo"),
-    "multi_gpu": ("gpu", -1, "nccl"),
+    "cpu": ("cpu", 1, 1, None, None),
+    "gpu": ("gpu", 1, 1, None, None),
+    "ddp_cpu": ("cpu", 2, 1, "gloo", 600),
+    "multi_gpu": ("gpu", -1, 1, "nccl", 600),
+    "slurm": ("gpu", 8, 2, "nccl", 1800),  # launcher settings: tests/integration/test_slurm.py
 }
 
 
 @pytest.mark.parametrize("name", sorted(CLUSTERS))
 def test_cluster_options(name: str) -> None:
-    accelerator, devices, backend = CLUSTERS[name]
+    accelerator, devices, nodes, backend, timeout_s = CLUSTERS[name]
     cfg = train_cfg(f"cluster={name}")
     assert cfg.trainer.accelerator == accelerator
     assert cfg.trainer.devices == devices
@@ -210,8 +211,8 @@ def test_cluster_options(name: str) -> None:
     strategy = instantiate(cfg.trainer.strategy)  # builds the object only: no process is started
     assert isinstance(strategy, HybridParallelStrategy)
     assert strategy.process_group_backend == backend
-    assert strategy._timeout.total_seconds() == cfg.trainer.strategy.collective_timeout_s == 600
-    assert cfg.trainer.num_nodes == 1
+    assert strategy._timeout.total_seconds() == cfg.trainer.strategy.collective_timeout_s == timeout_s
+    assert cfg.trainer.num_nodes == nodes
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
