@@ -23,6 +23,10 @@ dir with ``prepare_shards(SyntheticSource(...), TaskConfig(), out_dir)``:
   the MovieLens model (``scripts/bench_train.py``'s ``maml`` variant, same batch size) on batches
   from these shards, with the meta-step implementation currently in the tree.
 
+``--world W`` times rank 0 of W data-parallel ranks (each takes ``batch-tasks / W`` tasks per
+step, as in training): the loader reads only its share of the shards, the naive pipelines must
+still read and group every row and keep every W-th task.
+
 Loader and naive passes run ``--repeat`` times, round-robin, and the median pass is reported (the
 machine is shared; medians of interleaved runs resist drift). Ratios (tasks/s): ``loader/consumed``
 (issue 4 target >= 3: the loader keeps up with training with room to spare), ``loader/naive``
@@ -154,10 +158,21 @@ def _load_grouped(csv: Path, meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def naive_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int) -> Iterator[TaskBatch]:
-    """Read rows, group by task (one sort), per batch slice each task's rows and ``collate_tasks``."""
+def _share(n: int, seed: int, rank: int, world: int) -> np.ndarray:
+    """A shuffled task order, keeping this rank's share (every ``world``-th task)."""
+    return np.random.default_rng(seed).permutation(n)[rank::world]
+
+
+def naive_batches(
+    csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[TaskBatch]:
+    """Read rows, group by task (one sort), per batch slice each task's rows and ``collate_tasks``.
+
+    With ``world`` > 1 this is one rank's view: it must still read and group every row (rows are
+    not grouped by task on disk) and keeps every ``world``-th task.
+    """
     g = _load_grouped(csv, meta)
-    order = np.random.default_rng(seed).permutation(len(g["task"]))
+    order = _share(len(g["task"]), seed, rank, world)
     q = meta["query_size"]
     for start in range(0, len(order), batch_tasks):
         records = []
@@ -171,7 +186,9 @@ def naive_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int) 
         yield collate_tasks(records)
 
 
-def naive_vec_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int) -> Iterator[TaskBatch]:
+def naive_vec_batches(
+    csv: Path, meta: dict[str, Any], batch_tasks: int, seed: int, rank: int = 0, world: int = 1
+) -> Iterator[TaskBatch]:
     """Read rows, group by task (one sort), split all tasks with gathers, vectorised collation."""
     g = _load_grouped(csv, meta)
     q = meta["query_size"]
@@ -185,7 +202,7 @@ def naive_vec_batches(csv: Path, meta: dict[str, Any], batch_tasks: int, seed: i
             arrays[f"{which}.{name}"] = g[name][rows]
     states = np.array([STATES.index(s) for s in g["state"]], dtype=np.int64)
     chunk = TaskChunk(task_ids=[str(t) for t in g["task"]], states=states, offsets=offsets, arrays=arrays)
-    order = np.random.default_rng(seed).permutation(chunk.num_tasks)
+    order = _share(chunk.num_tasks, seed, rank, world)
     for start in range(0, len(order), batch_tasks):
         yield collate_chunk_tasks([(chunk, int(i)) for i in order[start : start + batch_tasks]])
 
@@ -214,7 +231,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(MOVIELENS_SHARDS), help="task shards (train split is read)")
     p.add_argument("--synthetic", action="store_true", help="build synthetic shards in a temp dir instead")
     p.add_argument("--synthetic-users", type=int, default=3000, help="users (tasks) of the synthetic data")
-    p.add_argument("--batch-tasks", type=int, default=32, help="tasks per batch (the MovieLens default)")
+    p.add_argument(
+        "--batch-tasks", type=int, default=32, help="meta-batch over all ranks (MovieLens default)"
+    )
+    p.add_argument(
+        "--world",
+        type=int,
+        default=1,
+        help="data-parallel ranks: loader and naive are timed as rank 0 of this many, each rank taking "
+        "batch-tasks / world tasks per step ('consumed' is only measured for 1)",
+    )
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
     p.add_argument("--max-batches", type=int, default=None, help="stop each pass after this many batches")
     p.add_argument("--repeat", type=int, default=5, help="passes per loader / naive variant (median kept)")
@@ -254,13 +280,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         passes: dict[str, Callable[[int], Iterable[TaskBatch]]] = {}
         for w in [int(x) for x in args.workers.split(",") if x != ""]:
             dm = TaskDataModule(
-                data_dir=data_dir, batch_tasks=args.batch_tasks, num_workers=w, verify_checksums=False
+                data_dir=data_dir,
+                batch_tasks=args.batch_tasks,
+                num_workers=w,
+                verify_checksums=False,
+                rank=0,
+                world_size=args.world,
             )
             dm.setup()
             passes[f"loader_w{w}"] = lambda rep, dm=dm: dm.train_dataloader()
         csv = tmp / "rows.csv"
-        passes["naive"] = lambda rep: naive_batches(csv, meta, args.batch_tasks, args.seed + rep)
-        passes["naive_vec"] = lambda rep: naive_vec_batches(csv, meta, args.batch_tasks, args.seed + rep)
+        per_rank = args.batch_tasks // args.world
+        passes["naive"] = lambda rep: naive_batches(csv, meta, per_rank, args.seed + rep, 0, args.world)
+        passes["naive_vec"] = lambda rep: naive_vec_batches(
+            csv, meta, per_rank, args.seed + rep, 0, args.world
+        )
         runs: dict[str, list[tuple[float, int, int, int]]] = {v: [] for v in passes}
         for rep in range(args.repeat):
             for variant, make in passes.items():
@@ -279,6 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     variant,
                     *mid,
                     workers=workers,
+                    world=args.world,
                     seconds_min=min(s[0] for s in stats),
                     seconds_max=max(s[0] for s in stats),
                     passes=len(stats),
@@ -296,8 +331,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"--num-batches={min(4, args.consume_steps)}",
             ]
         )
-        s = bench_train.setup_movielens(train_args, torch.device("cpu"), torch.float32)
-        if s is None or not s.batches:
+        s = (
+            bench_train.setup_movielens(train_args, torch.device("cpu"), torch.float32)
+            if args.world == 1
+            else None
+        )
+        if args.world > 1:
+            print("consumed: only measured with --world 1", flush=True)
+        elif s is None or not s.batches:
             print("consumed: no full training batch available, skipped", flush=True)
         else:
             r = bench_train.bench(s, train_args.steps, train_args.warmup, 1, ("maml",))[0]
