@@ -362,6 +362,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def profile_variant(s: Setup, variant: str, steps: int, top: int) -> list[dict]:
+    """``torch.profiler`` over ``steps`` training steps of one variant (after one warm-up step): the
+    ``top`` ATen ops by self CPU time, grouped by input shapes, with their share of the profiled time.
+
+    Printed as a table; returned as ``profile`` JSON records (ms per step, share of all self time).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    train_step(s, s.batches[0], variant)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        for i in range(steps):
+            train_step(s, s.batches[i % len(s.batches)], variant)
+            _sync(s.device)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    out = [
+        {
+            "bench": s.name,
+            "variant": "profile",
+            "of": variant,
+            "op": e.key,
+            "shapes": str(e.input_shapes),
+            "calls_per_step": e.count / steps,
+            "self_ms_per_step": e.self_cpu_time_total / steps / 1e3,
+            "share": e.self_cpu_time_total / total,
+        }
+        for e in rows
+    ]
+    print(f"[{s.name}] profile of {variant}: {total / steps / 1e3:.1f} ms self CPU time per step (profiled)")
+    for r in out:
+        print(
+            f"  {r['share']:6.1%} {r['self_ms_per_step']:8.2f} ms {r['calls_per_step']:5.1f}x  {r['op']} {r['shapes'][:90]}"
+        )
+    return out
+
+
 def bench(s: Setup, steps: int, warmup: int, loop_steps: int, variants: tuple[str, ...]) -> list[dict]:
     """Round-robin timing of the variants on the same batches; returns one result dict per variant."""
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -460,6 +498,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="VARIANT",
+        help="instead of timing: torch.profiler table of this variant's training step (top ops)",
+    )
+    p.add_argument("--profile-steps", type=int, default=3, help="steps profiled with --profile")
+    p.add_argument("--profile-top", type=int, default=25, help="ops listed with --profile")
     return p.parse_args(argv)
 
 
@@ -492,13 +538,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if s is None:
             continue
         print(f"[{name}] built in {time.perf_counter() - t0:.1f}s: {json.dumps(s.info)}", flush=True)
+        if args.profile:
+            results += profile_variant(s, args.profile, args.profile_steps, args.profile_top)
+            continue
         res = bench(s, args.steps, args.warmup, loop_steps, variants)
         results += res
         summary.append(ratios(name, res))
         del s
         gc.collect()
     print()
-    print_table(results)
+    if not args.profile:
+        print_table(results)
     for r in summary:
         parts = [f"{k} {v:.3f}" for k, v in r.items() if "/" in k and v is not None]
         print(f"{r['bench']}: " + ", ".join(parts) + " (samples/s ratios)")
