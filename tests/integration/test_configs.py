@@ -213,6 +213,8 @@ def test_cluster_options(name: str) -> None:
     assert strategy.process_group_backend == backend
     assert strategy._timeout.total_seconds() == cfg.trainer.strategy.collective_timeout_s == timeout_s
     assert cfg.trainer.num_nodes == nodes
+    # ddp_cpu reproduces cluster=cpu's meta-batches; the GPU clusters read their own shards per rank
+    assert cfg.data.rank_split == ("batches" if name == "ddp_cpu" else "shards")
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))

@@ -149,3 +149,31 @@ def test_batch_tasks_is_the_global_meta_batch(shard_dir):
     assert per_rank == [3, 3]  # 6 tasks per meta-step over both ranks
     with pytest.raises(ValueError, match=r"batch_tasks=6 is the meta-batch over all ranks .* world size 4"):
         _module(shard_dir, 0, 4).dataset("train")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_split_batches_gives_each_rank_its_block_of_the_one_process_batches(shard_dir, world, workers):
+    for split in SPLITS:
+        one = list(getattr(_module(shard_dir, 0, 1, workers), f"{split}_dataloader")())
+        ranks = [
+            list(
+                getattr(_module(shard_dir, r, world, workers, rank_split="batches"), f"{split}_dataloader")()
+            )
+            for r in range(world)
+        ]
+        assert all(len(r) == len(one) for r in ranks), split  # equal counts: no padding batches needed
+        for i, batch in enumerate(one):
+            blocks = [ranks[r][i] for r in range(world)]
+            real = [t for b in blocks for t, m in zip(b.task_ids, b.task_mask.tolist(), strict=True) if m]
+            assert real == batch.task_ids, (split, i)  # the same tasks, in the same order
+            for b in blocks:
+                assert b.num_tasks <= 6 // world
+            for tid, arrays in (item for b in blocks for item in _unpad(b)):
+                want = dict(_unpad(batch))[tid]
+                assert all(a.tobytes() == want[k].tobytes() for k, a in arrays.items()), (split, tid)
+
+
+def test_rank_split_is_validated(shard_dir):
+    with pytest.raises(ValueError, match=r"rank_split must be one of \('shards', 'batches'\)"):
+        _module(shard_dir, rank_split="tasks")

@@ -43,6 +43,9 @@ from gmeta.data.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
 
+#: how data-parallel ranks share a split (see ``TaskStreamDataset``)
+RANK_SPLITS = ("shards", "batches")
+
 #: tasks as handles: (ids of their decoded shards, indices in those shards), two int64 arrays
 Handles = tuple[np.ndarray, np.ndarray]
 
@@ -85,6 +88,12 @@ class TaskStreamDataset(IterableDataset):
         rank / world_size: this process's place among the data-parallel ranks.
         equal_batches: pad every rank to the same number of batches with masked dummy batches.
         drop_last: drop each slot's last incomplete batch.
+        rank_split: how ranks share the data. ``shards``: each rank streams its own shards (reading
+            scales with the ranks; the meta-batches differ from a 1-process run's). ``batches``: every
+            rank streams ALL shards exactly as one process would, forms the same global meta-batches
+            of ``batch_tasks * world_size`` tasks and keeps its block of ``batch_tasks`` of each, so
+            a W-process run trains on exactly the batches of a 1-process run (W-fold reading and
+            decoding; collation only of its own block).
     """
 
     def __init__(
@@ -100,8 +109,11 @@ class TaskStreamDataset(IterableDataset):
         world_size: int = 1,
         equal_batches: bool = True,
         drop_last: bool = False,
+        rank_split: str = "shards",
     ) -> None:
         super().__init__()
+        if rank_split not in RANK_SPLITS:
+            raise ValueError(f"rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
         if len(shards) != len(shard_tasks):
             raise ValueError("shards and shard_tasks must have the same length")
         if not 0 <= rank < world_size:
@@ -118,6 +130,7 @@ class TaskStreamDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.equal_batches = equal_batches
         self.drop_last = drop_last
+        self.rank_split = rank_split
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -145,9 +158,17 @@ class TaskStreamDataset(IterableDataset):
     def _num_batches(self, tasks: int) -> int:
         return tasks // self.batch_tasks if self.drop_last else math.ceil(tasks / self.batch_tasks)
 
+    @property
+    def _split_batches(self) -> bool:
+        return self.rank_split == "batches" and self.world_size > 1
+
     def rank_batches(self, rank: int, num_workers: int, epoch: int) -> int:
         """Real batches rank ``rank`` yields in ``epoch`` with ``num_workers`` loader workers."""
         w = max(1, num_workers)
+        if self._split_batches:  # the 1-process plan, in global batches: the same on every rank
+            per_global = self.batch_tasks * self.world_size
+            tasks = [self.slot_tasks(k, w, epoch) for k in range(w)]
+            return sum(n // per_global if self.drop_last else math.ceil(n / per_global) for n in tasks)
         return sum(
             self._num_batches(self.slot_tasks(rank * w + k, self.world_size * w, epoch)) for k in range(w)
         )
@@ -206,8 +227,10 @@ class TaskStreamDataset(IterableDataset):
 
     def _batches(self, info: Any) -> Iterator[TaskBatch]:
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        num_slots = self.world_size * num_workers
-        slot = self.rank * num_workers + worker
+        split = self._split_batches
+        # rank_split="batches": read like one process (slots = workers), then keep this rank's block
+        num_slots = num_workers if split else self.world_size * num_workers
+        slot = worker if split else self.rank * num_workers + worker
         epoch = self.epoch
         # decoded shards still holding tasks that have not been batched, by shard id
         live: dict[int, TaskChunk] = {}
@@ -218,7 +241,24 @@ class TaskStreamDataset(IterableDataset):
                 live[cid], left[cid] = chunk, len(idx)
                 yield np.full(len(idx), cid, dtype=np.int64), idx
 
+        def release(cids: np.ndarray) -> None:
+            # other ranks' tasks of a global batch: drop decoded shards nobody here needs any more
+            for cid, n in zip(*np.unique(cids, return_counts=True), strict=True):
+                left[int(cid)] -= int(n)
+                if not left[int(cid)]:
+                    del live[int(cid)], left[int(cid)]
+
         def collate(cids: np.ndarray, idx: np.ndarray) -> TaskBatch:
+            if split:  # this rank's block of the global batch; an empty block is a dummy batch
+                order = np.argsort(cids, kind="stable")  # the 1-process batch's task order (below)
+                cids, idx = cids[order], idx[order]
+                k = self.batch_tasks
+                lo = min(self.rank * k, len(cids))
+                hi = min(lo + k, len(cids))
+                release(np.concatenate([cids[:lo], cids[hi:]]))
+                if hi == lo:
+                    return dummy_batch(self.schema)
+                cids, idx = cids[lo:hi], idx[lo:hi]
             # each shard's tasks adjacent (stable): one gather per array per shard; same content
             order = np.argsort(cids, kind="stable")
             cids, idx = cids[order], idx[order]
@@ -234,7 +274,7 @@ class TaskStreamDataset(IterableDataset):
         stream = handles()
         if self.shuffle and self.shuffle_buffer > 1:
             stream = self._shuffled(stream, np.random.default_rng([self.seed, epoch, slot, 1]))
-        b = self.batch_tasks
+        b = self.batch_tasks * self.world_size if split else self.batch_tasks
         pend_c = pend_i = np.empty(0, dtype=np.int64)
         for c, i in stream:
             pend_c, pend_i = np.concatenate([pend_c, c]), np.concatenate([pend_i, i])
@@ -323,6 +363,8 @@ class TaskDataModule(L.LightningDataModule):
         source / task_config / tasks_per_shard: if given, ``prepare_data`` builds missing shards.
         rank / world_size: override the trainer's global rank / world size (tests, custom launchers).
         equal_batches: pad ranks to equal batch counts with masked dummy batches.
+        rank_split: ``shards`` (each rank its own shards) or ``batches`` (every rank the 1-process
+            batches, its block of each): see ``TaskStreamDataset``.
         force: rebuild shards even if a manifest exists.
     """
 
@@ -343,6 +385,7 @@ class TaskDataModule(L.LightningDataModule):
         equal_batches: bool = True,
         force: bool = False,
         build_seed: int = 0,
+        rank_split: str = "shards",
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -352,6 +395,9 @@ class TaskDataModule(L.LightningDataModule):
         self.source, self.task_config, self.tasks_per_shard = source, task_config, tasks_per_shard
         self._rank, self._world_size = rank, world_size
         self.equal_batches, self.force, self.build_seed = equal_batches, force, build_seed
+        if rank_split not in RANK_SPLITS:
+            raise ValueError(f"data.rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
+        self.rank_split = rank_split
         self.manifest: Manifest | None = None
         self.schema: Schema | None = None
 
@@ -419,6 +465,7 @@ class TaskDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world,
             equal_batches=self.equal_batches,
+            rank_split=self.rank_split,
         )
 
     def _epoch(self) -> int:
