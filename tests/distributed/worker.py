@@ -190,8 +190,27 @@ class Recorder(L.Callback):
             self.predictions = self.predict_eval_batch(module)
 
 
+#: Trainer settings for training on prepared batches only (no logs, checkpoints, validation)
+BARE_TRAINER: dict[str, Any] = {
+    "max_epochs": 1,
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+    "num_sanity_val_steps": 0,
+    "limit_val_batches": 0,
+    "use_distributed_sampler": False,
+    "inference_mode": False,
+}
+
+
 def _identity(batch: TaskBatch) -> TaskBatch:
     return batch
+
+
+def batch_loader(batches: list[TaskBatch]) -> DataLoader:
+    """A DataLoader that yields the given TaskBatches as they are."""
+    return DataLoader(batches, batch_size=None, collate_fn=_identity)
 
 
 def run(spec: dict[str, Any], rank: int) -> dict[str, Any]:
@@ -212,18 +231,10 @@ def run(spec: dict[str, Any], rank: int) -> dict[str, Any]:
             strategy=HybridParallelStrategy(collective_timeout_s=spec.get("timeout_s", 60)),
             precision="64-true",
             max_steps=steps,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            use_distributed_sampler=False,
-            inference_mode=False,
             callbacks=[recorder],
+            **BARE_TRAINER,
         )
-        loader = DataLoader(batches, batch_size=None, collate_fn=_identity)
+        loader = batch_loader(batches)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=spec.get("resume_from"))
         state = gathered_state_dict(module, module.state_dict())
         if rank == 0:

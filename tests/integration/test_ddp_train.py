@@ -18,6 +18,8 @@ from gmeta.data.schema import STATES
 from gmeta.data.shards import read_manifest
 
 EPOCHS = 2
+# task-key dropout is drawn from a hash of (seed, step, task id): the same on 1 or 2 processes
+OOV = "model.task_key_oov_rate=0.5"
 
 
 def records(path: Path) -> dict[tuple[str, bool], dict]:
@@ -31,6 +33,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     proc = run_script(
         "train.py",
         "+experiment=synthetic_maml",
+        OOV,
         "cluster=ddp_cpu",
         f"trainer.max_epochs={EPOCHS}",
         f"hydra.run.dir={run_dir}",
@@ -90,6 +93,7 @@ def test_two_processes_reach_the_one_process_metrics(ddp_run: dict) -> None:
     run_script(
         "train.py",
         "+experiment=synthetic_maml",
+        OOV,
         f"trainer.max_epochs={EPOCHS}",
         f"hydra.run.dir={run_dir}",
         tmp=tmp,

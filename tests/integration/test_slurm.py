@@ -15,7 +15,6 @@ import torch
 from entry_points import run_entry_point
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from torch.utils.data import DataLoader
 
 from gmeta.parallel import HybridParallelStrategy, shutdown_process_group
 from gmeta.parallel.requeue import SlurmRequeue
@@ -25,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts" / "slurm"))
 sys.path.insert(0, str(ROOT / "tests" / "distributed"))
 
 from sbatch_preview import sbatch_text  # noqa: E402
-from worker import local_batch, make_module  # noqa: E402
+from worker import BARE_TRAINER, batch_loader, local_batch, make_module  # noqa: E402
 
 
 def slurm_cfg(*overrides: str):
@@ -66,10 +65,6 @@ def test_sbatch_script_for_two_nodes_of_eight_gpus(tmp_path: Path) -> None:
     assert "srun --unbuffered" in text and "submitit.core._submit" in text
 
 
-def _identity(batch):
-    return batch
-
-
 class SignalAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == 2:
@@ -83,15 +78,8 @@ def _trainer(root: Path, callbacks: list, max_steps: int) -> L.Trainer:
         strategy=HybridParallelStrategy(),
         default_root_dir=root,
         max_steps=max_steps,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        use_distributed_sampler=False,
-        inference_mode=False,
         callbacks=callbacks,
+        **BARE_TRAINER,
     )
 
 
@@ -104,7 +92,7 @@ def one_process_group():
 def test_requeue_signal_checkpoints_at_the_next_step_boundary_and_resumes(
     tmp_path: Path, one_process_group: None
 ) -> None:
-    batches = DataLoader([local_batch(s, 0, 1) for s in range(6)], batch_size=None, collate_fn=_identity)
+    batches = batch_loader([local_batch(s, 0, 1) for s in range(6)])
     requeue = SlurmRequeue(requeue=False)
     trainer = _trainer(tmp_path, [SignalAtStep(), requeue], max_steps=6)
     trainer.fit(make_module("maml"), train_dataloaders=batches)

@@ -14,6 +14,8 @@ module's state_dict and so in every checkpoint).
 from __future__ import annotations
 
 import math
+import os
+import zlib
 from typing import Any
 
 import lightning as L
@@ -104,7 +106,11 @@ class MetaDLRMModule(L.LightningModule):
         """Map the task-key id of a random share of tasks to the OOV row (in place, training only)."""
         if self.task_key_oov_rate == 0.0 or self.task_key_column is None:
             return
-        drop = torch.rand(batch.num_tasks, device=batch.task_mask.device) < self.task_key_oov_rate
+        # A hash of (seed, step, task id), not the process's RNG: the same tasks are dropped whichever
+        # rank holds them, so N processes train exactly like one (tests/integration/test_ddp_train.py).
+        seed = os.environ.get("PL_GLOBAL_SEED", "0")
+        draws = [zlib.crc32(f"{seed}/{self.global_step}/{t}".encode()) / 2**32 for t in batch.task_ids]
+        drop = torch.tensor(draws, device=batch.task_mask.device) < self.task_key_oov_rate
         for s in (batch.support, batch.query):
             s.sparse[:, :, self.task_key_column].masked_fill_(drop[:, None], 0)
 
