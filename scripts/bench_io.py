@@ -19,6 +19,8 @@ dir with ``prepare_shards(SyntheticSource(...), TaskConfig(), out_dir)``:
   loader's own vectorised ``collate_chunk_tasks``. It bounds what a row-table pipeline can do at
   this scale (all rows in memory; at production scale the per-epoch global sort is the cost that
   task-grouped shards remove).
+* Before timing, one pass of each naive pipeline is checked (untimed) to deliver exactly the
+  shards' train tasks (or this rank's share), each once, with byte-identical arrays and states.
 * ``consumed``: what training eats: tasks/s and samples/s of one second-order MAML training step of
   the MovieLens model (``scripts/bench_train.py``'s ``maml`` variant, same batch size) on batches
   from these shards, with the meta-step implementation currently in the tree.
@@ -210,6 +212,45 @@ def naive_vec_batches(
         yield collate_chunk_tasks([(chunk, int(i)) for i in order[start : start + batch_tasks]])
 
 
+def check_same_tasks(data_dir: Path, batches: Iterable[TaskBatch], world: int = 1) -> int:
+    """Check (untimed) that a naive pass delivers the shards' own train tasks, each once, unchanged.
+
+    Every task's state and support/query arrays must equal the shard record's byte for byte; with
+    ``world`` 1 every task must appear, otherwise exactly this rank's share. Returns the task count.
+    """
+    manifest = read_manifest(data_dir)
+    ref: dict[str, TaskRecord] = {}
+    for path, shard in zip(manifest.shard_paths("train"), manifest.shards("train"), strict=True):
+        c = read_shard(path, manifest.schema, expected_tasks=shard["tasks"])
+        ref.update((c.task_ids[i], c.record(i)) for i in range(c.num_tasks))
+    seen: set[str] = set()
+    for batch in batches:
+        for i, tid in enumerate(batch.task_ids):
+            if not bool(batch.task_mask[i]):
+                continue
+            r = ref.get(tid)
+            if r is None or tid in seen or STATES[int(batch.state[i])] != r.state:
+                raise RuntimeError(f"naive pipeline: task {tid!r} unknown, repeated or with another state")
+            seen.add(tid)
+            for which in ("support", "query"):
+                s = getattr(batch, which)
+                n = int(s.mask[i].sum())
+                if n != r.num(which) or not bool(s.mask[i, :n].all()):
+                    raise RuntimeError(
+                        f"naive pipeline: task {tid!r} has {n} {which} samples, not {r.num(which)}"
+                    )
+                for name in SET_ARRAYS:
+                    if getattr(s, name)[i, :n].numpy().tobytes() != r.arrays[f"{which}.{name}"].tobytes():
+                        raise RuntimeError(
+                            f"naive pipeline: task {tid!r} {which}.{name} differs from the shards"
+                        )
+    if len(seen) != len(range(0, len(ref), world)):
+        raise RuntimeError(
+            f"naive pipeline delivered {len(seen)} tasks, expected {len(range(0, len(ref), world))}"
+        )
+    return len(seen)
+
+
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
@@ -298,6 +339,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         passes["naive_vec"] = lambda rep: naive_vec_batches(
             csv, meta, per_rank, args.seed + rep, 0, args.world
         )
+        for variant in ("naive", "naive_vec"):  # same tasks as the shards, or the comparison is void
+            checked = check_same_tasks(data_dir, passes[variant](0), args.world)
+            print(f"{variant}: {checked} tasks checked equal to the shards' records", flush=True)
         runs: dict[str, list[tuple[float, int, int, int]]] = {v: [] for v in passes}
         for rep in range(args.repeat):
             for variant, make in passes.items():
