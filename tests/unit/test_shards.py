@@ -175,3 +175,18 @@ def test_older_format_is_a_clear_error_and_prepare_rebuilds(tmp_path, caplog):
         prepare_shards(src, cfg, out, tasks_per_shard=8, seed=0)
     assert "older format" in caplog.text
     assert read_manifest(out).data["format_version"] == 2
+
+
+def test_shards_stay_webdataset_readable(shard_dir):
+    """The webdataset library itself reads a shard as one {"__key__", "task"} sample per task."""
+    import webdataset as wds
+
+    m = read_manifest(shard_dir)
+    path = m.shard_paths("train")[1]
+    samples = list(wds.tariterators.tarfile_samples([{"url": str(path)}]))
+    ours = list(iter_shard(path, m.schema, m.shards("train")[1]["tasks"]))
+    assert len(samples) == len(ours) and all(set(s) >= {"__key__", "task"} for s in samples)
+    for sample, rec in zip(samples, ours, strict=True):
+        got = decode_task(sample, path.name, m.schema)
+        assert got.task_id == rec.task_id and got.state == rec.state
+        assert all(got.arrays[k].tobytes() == a.tobytes() for k, a in rec.arrays.items())
