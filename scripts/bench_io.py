@@ -6,8 +6,9 @@ dir with ``prepare_shards(SyntheticSource(...), TaskConfig(), out_dir)``:
 
 * ``loader_w{0,1,2}``: one epoch over the train split through ``TaskDataModule.train_dataloader()``
   with 0, 1 and 2 DataLoader workers (shard reading, decoding, validation, shuffling, collation to
-  ``TaskBatch``, and for workers the transfer to the main process); the time includes worker
-  start-up, which happens every epoch (workers are not persistent).
+  ``TaskBatch``, and for workers the transfer to the main process). The same loader is iterated
+  once per pass, as a fit iterates it once per epoch; its workers are persistent, so only the first
+  pass includes their start-up.
 * ``naive``: what a pipeline without task-grouped storage does each epoch: read the same
   interactions from a per-interaction row table (a CSV written once to a temp dir, rows in random
   order, ids already encoded) with pandas, group them by task with one stable sort on
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         meta = write_row_table(data_dir, tmp / "rows.csv", args.seed)
         print(f"row table: {meta['rows']} rows written in {time.perf_counter() - t0:.1f}s", flush=True)
 
-        # every pass is a fresh epoch of a fresh loader / a fresh read of the row table
+        # every pass is a new epoch of the loader / a fresh read of the row table
         passes: dict[str, Callable[[int], Iterable[TaskBatch]]] = {}
         for w in [int(x) for x in args.workers.split(",") if x != ""]:
             dm = TaskDataModule(
@@ -332,7 +333,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 world_size=args.world,
             )
             dm.setup()
-            passes[f"loader_w{w}"] = lambda rep, dm=dm: dm.train_dataloader()
+            # one loader per worker count, iterated once per pass, as a Lightning fit iterates it
+            # once per epoch (workers are persistent: only the first pass pays their start-up)
+            loader = dm.train_dataloader()
+            passes[f"loader_w{w}"] = lambda rep, loader=loader: loader
         csv = tmp / "rows.csv"
         per_rank = args.batch_tasks // args.world
         passes["naive"] = lambda rep: naive_batches(csv, meta, per_rank, args.seed + rep, 0, args.world)

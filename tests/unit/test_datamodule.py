@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gmeta.data.batch import TaskBatch
-from gmeta.data.datamodule import TaskDataModule, TaskStreamDataset
+from gmeta.data.datamodule import TaskDataLoader, TaskDataModule, TaskStreamDataset
 from gmeta.data.shards import read_manifest
 from gmeta.data.tasks import SPLITS
 
@@ -177,3 +177,22 @@ def test_rank_split_batches_gives_each_rank_its_block_of_the_one_process_batches
 def test_rank_split_is_validated(shard_dir):
     with pytest.raises(ValueError, match=r"rank_split must be one of \('shards', 'batches'\)"):
         _module(shard_dir, rank_split="tasks")
+
+
+def test_persistent_workers_follow_the_epoch(shard_dir):
+    """Persistent workers read the epoch from shared memory: same batches as fresh workers, per epoch."""
+    m = read_manifest(shard_dir)
+
+    def dataset() -> TaskStreamDataset:
+        shards = m.shard_paths("train")
+        return TaskStreamDataset(shards, [s["tasks"] for s in m.shards("train")], m.schema, 4, shuffle=True)
+
+    orders = {}
+    for persistent in (True, False):
+        loader = TaskDataLoader(dataset(), num_workers=2, persistent_workers=persistent)
+        orders[persistent] = [
+            [t for b in loader for t, k in zip(b.task_ids, b.task_mask, strict=True) if k] for _ in range(3)
+        ]
+    assert orders[True] == orders[False]
+    assert all(sorted(o) == sorted(orders[True][0]) and len(set(o)) == len(o) == 82 for o in orders[True])
+    assert len({tuple(o) for o in orders[True]}) == 3  # a new shuffle each epoch

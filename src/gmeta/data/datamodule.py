@@ -25,6 +25,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gmeta.data.batch import (
@@ -131,11 +132,17 @@ class TaskStreamDataset(IterableDataset):
         self.equal_batches = equal_batches
         self.drop_last = drop_last
         self.rank_split = rank_split
-        self.epoch = 0
+        # in shared memory: persistent DataLoader workers see the epoch set in the main process
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose shuffle order the next iteration uses."""
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle order the next iteration uses."""
-        self.epoch = int(epoch)
+        """Select the epoch whose shuffle order the next iteration uses (seen by persistent workers)."""
+        self._epoch.fill_(int(epoch))
 
     # -- planning (pure functions of epoch, slots and the manifest counts) -------------------
     def shard_order(self, epoch: int) -> list[int]:
@@ -322,7 +329,8 @@ class TaskDataLoader(DataLoader):
     """A DataLoader of ``TaskBatch``es that sets the dataset's epoch each time it is iterated.
 
     ``epoch_fn`` (e.g. the trainer's current epoch) picks the epoch; without it the loader counts
-    its own iterations. Workers must not be persistent, or they would keep a stale epoch. The loader
+    its own iterations. Workers may be persistent (``persistent_workers=True``: no start-up per
+    epoch): the dataset keeps its epoch in shared memory, set before the workers resume. The loader
     has no ``len``: padded batch counts can change per epoch, and a stale length would make
     Lightning stop early and skip tasks (``dataset.num_batches()`` gives the exact count).
     """
@@ -330,10 +338,6 @@ class TaskDataLoader(DataLoader):
     def __init__(
         self, dataset: TaskStreamDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
     ) -> None:
-        if kwargs.get("persistent_workers"):
-            raise ValueError(
-                "TaskDataLoader does not support persistent_workers (the epoch is set per iteration)"
-            )
         super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
         self._epoch_fn = epoch_fn
         self._iterations = 0
@@ -355,6 +359,8 @@ class TaskDataModule(L.LightningDataModule):
             (each of W ranks takes ``batch_tasks / W``; must divide), so an experiment keeps its
             meta-batch, and so its learning dynamics, on 1 or W processes.
         num_workers: DataLoader worker processes per rank.
+        persistent_workers: keep the workers alive between epochs (with ``num_workers`` > 0): no
+            worker start-up per epoch (docs/benchmarks.md, Meta-IO).
         shuffle_buffer: tasks in the training shuffle buffer.
         seed: shuffle seed of the training stream.
         build_seed: seed of the shard build (splits, random queries) when shards are prepared here;
@@ -386,9 +392,11 @@ class TaskDataModule(L.LightningDataModule):
         force: bool = False,
         build_seed: int = 0,
         rank_split: str = "shards",
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
+        self.persistent_workers = persistent_workers
         self.batch_tasks, self.eval_batch_tasks = batch_tasks, eval_batch_tasks
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.verify_checksums = verify_checksums
@@ -474,7 +482,12 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> TaskDataLoader:
         epoch_fn = self._epoch if self.trainer is not None else None
-        return TaskDataLoader(self.dataset(split), epoch_fn=epoch_fn, num_workers=self.num_workers)
+        return TaskDataLoader(
+            self.dataset(split),
+            epoch_fn=epoch_fn,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
 
     def train_dataloader(self) -> TaskDataLoader:
         return self._loader("train")
