@@ -397,9 +397,12 @@ class State:
 
 def materialize_layer(layer: Layer, rows: int) -> bool:
     """Per-task weights beat the low-rank form when the factor rows (steps x support) cost more per
-    sample than the weight itself: rows * (in + out) > in * out."""
+    sample than twice the weight: rows * (in + out) > 2 * in * out. The factor 2: per-task weights
+    are (T, out, in) tensors built, kept and reduced (their gradient summed over tasks) at memory
+    speed, while the factors only feed small GEMMs (criteo's 13->256 layer with 16 support rows:
+    4,304 vs 3,328 per sample, measured ~5% faster as low-rank on CPU)."""
     out_f, in_f = layer.weight.shape
-    return rows * (in_f + out_f) > in_f * out_f
+    return rows * (in_f + out_f) > 2 * in_f * out_f
 
 
 def linear(x: Tensor, layer: Layer, st: State, i: int, lr: float) -> Tensor:
@@ -408,12 +411,12 @@ def linear(x: Tensor, layer: Layer, st: State, i: int, lr: float) -> Tensor:
     if i in st.weights:
         w, b = st.weights[i]
         return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-    z = torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()).view(T, M, -1)
     fac = st.factors.get(i)
     if fac is None:
-        return z
+        return torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()).view(T, M, -1)
+    z = _unsafe_view(torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()), (T, M, -1))
     X, D = fac
-    return torch.baddbmm(z, torch.bmm(x, X.transpose(1, 2)).add_(1.0), D, alpha=-lr)
+    return z.baddbmm_(torch.bmm(x, X.transpose(1, 2)).add_(1.0), D, alpha=-lr)
 
 
 def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float, cols: int | None) -> Tensor:
@@ -423,14 +426,22 @@ def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float,
         w = st.weights[i][0]
         return torch.bmm(delta, w if cols is None else w[..., :cols])
     w = layer.weight if cols is None else layer.weight[:, :cols]
-    g = (delta.reshape(T * S, -1) @ w).view(T, S, -1)
     fac = st.factors.get(i)
     if fac is None:
-        return g
+        return (delta.reshape(T * S, -1) @ w).view(T, S, -1)
+    g = _unsafe_view(delta.reshape(T * S, -1) @ w, (T, S, -1))
     X, D = fac
     if cols is not None:
         X = X[..., :cols]
-    return torch.baddbmm(g, torch.bmm(delta, D.transpose(1, 2)), X, alpha=-lr)
+    return g.baddbmm_(torch.bmm(delta, D.transpose(1, 2)), X, alpha=-lr)
+
+
+def _unsafe_view(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """``x.view(shape)`` that autograd does not track as a view (as ``torch.matmul`` does), so the
+    low-rank correction can be added in place (``baddbmm_``) without copying the shared product:
+    an in-place op on a tracked view would clone the gradient in the backward (``CopySlices``).
+    Only for fresh results of ops that do not save their output (``mm``/``addmm``)."""
+    return torch.ops.aten._unsafe_view(x, shape)
 
 
 @dataclass
