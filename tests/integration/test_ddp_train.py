@@ -35,6 +35,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "+experiment=synthetic_maml",
         OOV,
         "cluster=ddp_cpu",
+        "trainer.strategy.collective_timeout_s=90",  # a stuck rendezvous or collective fails fast
         f"trainer.max_epochs={EPOCHS}",
         f"hydra.run.dir={run_dir}",
         tmp=tmp,

@@ -41,6 +41,7 @@ def test_multirun_with_two_process_jobs_runs_each_job_once_in_its_own_dir(tmp_pa
         "-m",
         "+experiment=synthetic_maml",
         "cluster=ddp_cpu",
+        "trainer.strategy.collective_timeout_s=90",  # a stuck rendezvous or collective fails fast
         "trainer.max_epochs=1",
         "meta=maml,fomaml",
         f"hydra.sweep.dir={sweep}",
