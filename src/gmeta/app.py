@@ -72,15 +72,24 @@ def _report(model: MetaDLRMModule, trainer: L.Trainer, output_dir: Path, title: 
     return records
 
 
-def train(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Fit a model (or resume from ``cfg.ckpt_path``), then test its best checkpoint."""
+def train(cfg: DictConfig) -> float | None:
+    """Fit a model (or resume from ``cfg.ckpt_path``), then test its best checkpoint.
+
+    Returns the value of ``cfg.optimized_metric`` after training (what Hydra sweepers such as Optuna
+    optimize), or None when it is not set.
+    """
     with isolated_launch_env():  # a sweep's next job must not inherit this job's rank variables
-        records = _train(cfg)
+        metrics = _train(cfg)
         shutdown_process_group()  # multi-process runs: a clean gloo exit (and room for the next job)
-    return records
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric {name!r} was not logged; logged metrics: {sorted(metrics)}")
+    return metrics[name]
 
 
-def _train(cfg: DictConfig) -> list[dict[str, Any]]:
+def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
@@ -93,17 +102,18 @@ def _train(cfg: DictConfig) -> list[dict[str, Any]]:
         _convert_="all",
     )
     trainer = build_trainer(cfg)
+    metrics: dict[str, float] = {}
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-    records = []
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.get("test", True):
         best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), "")
         if not best:
             log.info("no best checkpoint (checkpointing off or fast_dev_run): testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
-        records = _report(model, trainer, output_dir, f"test: {cfg.meta.name} ({cfg.task_name})")
+        _report(model, trainer, output_dir, f"test: {cfg.meta.name} ({cfg.task_name})")
     wait_for_children(trainer.strategy.launcher)  # this job's other ranks, before the next job starts
-    return records
+    return metrics
 
 
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:

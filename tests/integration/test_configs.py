@@ -321,6 +321,7 @@ def test_config_tree_is_what_the_tests_cover() -> None:
     assert by_group["experiment"] == set(EXPERIMENTS)
     assert by_group["cluster"] == set(CLUSTERS)
     assert by_group["debug"] == {"default", "fdr"}
+    assert by_group["hparams_search"] == {"movielens_optuna"}  # tests/integration/test_sweep.py
     assert {p.name for p in CONF.glob("*.yaml")} == {"train.yaml", "eval.yaml"}
 
 

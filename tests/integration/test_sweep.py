@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import yaml
 from entry_points import run_entry_point
 
 from gmeta.data.schema import STATES
@@ -58,3 +59,30 @@ def test_multirun_with_two_process_jobs_runs_each_job_once_in_its_own_dir(tmp_pa
         rows = list(csv.DictReader(f))
     assert {(r["job"], r["method"]) for r in rows} == {("0", "maml"), ("1", "fomaml")}
     assert len(rows) == 2 * len(STATES) * 2
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    run_entry_point(
+        "train.py",
+        "-m",
+        "hparams_search=movielens_optuna",
+        "+experiment=synthetic_maml",
+        "debug=fdr",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        f"hydra.sweep.dir={sweep}",
+        tmp=tmp_path,
+    )
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 0.0 <= results["best_value"] <= 1.0  # val/auc_adapted, returned by train.py
+    assert set(results["best_params"]) == {
+        "meta.inner_lr",
+        "meta.inner_steps",
+        "meta.support_loss_weight",
+        "model.embedding_optimizer.lr",
+        "model.task_key_oov_rate",
+    }
+    for job in ("0", "1"):  # each trial is a normal run in its own folder
+        overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        assert "meta.inner_lr=" in overrides and (sweep / job / "cold_start_metrics.json").is_file()
