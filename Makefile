@@ -41,6 +41,7 @@ test-all: setup
 bench: setup
 	$(PY) scripts/bench_train.py $(ARGS)
 	$(PY) scripts/bench_io.py
+	$(PY) scripts/bench_comm.py
 
 lint: setup
 	$(PY) -m ruff check src tests scripts train.py eval.py
