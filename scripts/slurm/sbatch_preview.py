@@ -24,12 +24,15 @@ def launcher_parameters(overrides: list[str]) -> dict:
     """The resolved ``hydra.launcher`` node of the composed config (``cluster=slurm`` + overrides)."""
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["cluster=slurm", *overrides], return_hydra_config=True)
+        # hydra.job.name is "train" when train.py runs (compose alone would call it "app")
+        cfg = compose(
+            "train", overrides=["cluster=slurm", "hydra.job.name=train", *overrides], return_hydra_config=True
+        )
     # hydra.launcher interpolates trainer.*: resolve it inside the whole config
     launcher = OmegaConf.to_container(cfg, resolve=False)["hydra"]["launcher"]
     resolved = {}
     for key in launcher:
-        if key in ("_target_", "submitit_folder", "setup"):
+        if key in ("_target_", "setup"):
             continue
         resolved[key] = OmegaConf.select(cfg, f"hydra.launcher.{key}", throw_on_resolution_failure=True)
         if OmegaConf.is_config(resolved[key]):
@@ -42,6 +45,7 @@ def sbatch_text(overrides: list[str], folder: str) -> str:
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     params = launcher_parameters(overrides)
+    shown_folder = params.pop("submitit_folder")  # where the real run writes submitit's files
     # submitit's SlurmExecutor refuses to start where there is no srun: show it a stand-in
     fake_bin = Path(folder) / "bin"
     fake_bin.mkdir()
@@ -58,7 +62,8 @@ def sbatch_text(overrides: list[str], folder: str) -> str:
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
     slurm = executor._executor
-    return slurm._make_submission_file_text(slurm._submitit_command_str, "preview")
+    text = slurm._make_submission_file_text(slurm._submitit_command_str, "preview")
+    return text.replace(str(Path(folder).resolve()), shown_folder).replace(folder, shown_folder)
 
 
 def main() -> None:
