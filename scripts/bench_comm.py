@@ -79,15 +79,14 @@ def run_rank(args: argparse.Namespace) -> None:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    from gmeta.app import build_datamodule
     from gmeta.parallel import HybridParallelStrategy, shutdown_process_group
 
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=[f"+experiment={args.experiment}", *args.override])
     L.seed_everything(cfg.seed)
-    datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
-    datamodule.setup("fit")
+    datamodule = build_datamodule(cfg)  # rank 0 builds the shards, the other ranks wait for them
     module = instantiate(
         cfg.model, schema=datamodule.schema.to_dict(), meta=OmegaConf.to_container(cfg.meta), _convert_="all"
     )

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gmeta.meta.module import MetaDLRMModule
 from gmeta.parallel import shutdown_process_group  # also registers trainer.strategy=hybrid_parallel
-from gmeta.parallel.launch import isolated_launch_env, wait_for_children
+from gmeta.parallel.launch import is_global_rank_zero, isolated_launch_env, wait_for_children
 from gmeta.report import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,17 @@ def save_run_info(cfg: DictConfig, output_dir: Path) -> None:
 
 
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """Instantiate the DataModule and make sure its shards exist (building them if needed)."""
+    """Instantiate the DataModule and make sure its shards exist (building them if needed).
+
+    Runs before the Trainer (the model's tables need the vocabulary sizes), so under torchrun/srun,
+    where every rank starts at once, only global rank 0 (from the launcher's environment) builds;
+    the others wait for its shards.
+    """
     datamodule = instantiate(cfg.data, _convert_="all")
-    datamodule.prepare_data()
+    if is_global_rank_zero():
+        datamodule.prepare_data()
+    else:
+        datamodule.wait_for_shards()
     datamodule.setup("fit")
     return datamodule
 

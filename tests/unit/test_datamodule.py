@@ -196,3 +196,29 @@ def test_persistent_workers_follow_the_epoch(shard_dir):
     assert orders[True] == orders[False]
     assert all(sorted(o) == sorted(orders[True][0]) and len(set(o)) == len(o) == 82 for o in orders[True])
     assert len({tuple(o) for o in orders[True]}) == 3  # a new shuffle each epoch
+
+
+def test_other_ranks_wait_for_rank_zeros_shards(tmp_path, shard_dir):
+    import shutil
+    import threading
+
+    target = tmp_path / "shards"
+    waiter = TaskDataModule(target, batch_tasks=6)
+    done: list[BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            waiter.wait_for_shards(timeout_s=20, poll_s=0.05)
+            done.append(None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            done.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    thread.join(0.3)
+    assert thread.is_alive() and not done  # nothing there yet: still waiting
+    shutil.copytree(shard_dir, target)  # "rank 0" finishes its build
+    thread.join(10)
+    assert done == [None]
+    with pytest.raises(TimeoutError, match=r"did not build .*manifest.json within 0 s"):
+        TaskDataModule(tmp_path / "never", batch_tasks=6).wait_for_shards(timeout_s=0.2, poll_s=0.05)

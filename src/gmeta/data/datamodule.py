@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,6 +427,32 @@ class TaskDataModule(L.LightningDataModule):
             seed=self.build_seed,
             force=self.force,
         )
+
+    def wait_for_shards(self, timeout_s: float = 3600.0, poll_s: float = 1.0) -> None:
+        """On ranks other than 0: wait until rank 0's ``prepare_data`` has put the shards in place.
+
+        All ranks of a torchrun/srun launch start together, before any process group exists, and
+        only one may build (the build moves a finished folder into place, so a manifest never
+        appears half-written). Then the same input check as rank 0's runs: shards built from other
+        inputs are an error here too. With ``force`` it waits for a manifest newer than this call.
+        """
+        manifest = self.data_dir / MANIFEST
+        start = time.time()
+        while not (manifest.is_file() and (not self.force or manifest.stat().st_mtime >= start)):
+            if time.time() - start > timeout_s:
+                raise TimeoutError(
+                    f"rank 0 did not build {manifest} within {timeout_s:.0f} s (is {self.data_dir} on a "
+                    "file system every node shares? did rank 0 fail?)"
+                )
+            time.sleep(poll_s)
+        if self.source is not None:
+            prepare_shards(
+                self.source,
+                self.task_config or TaskConfig(),
+                self.data_dir,
+                tasks_per_shard=self.tasks_per_shard,
+                seed=self.build_seed,
+            )  # present: only compares the manifest's inputs with ours
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:

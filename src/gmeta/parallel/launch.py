@@ -89,3 +89,13 @@ def isolated_launch_env() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def is_global_rank_zero() -> bool:
+    """Whether this process is global rank 0, from the launcher's environment (before any process
+    group exists): RANK (torchrun), SLURM_PROCID (srun), else NODE_RANK and LOCAL_RANK (Lightning's
+    own launcher sets only these)."""
+    for key in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        if key in os.environ:
+            return int(os.environ[key]) == 0
+    return int(os.environ.get("NODE_RANK", 0)) == 0 and int(os.environ.get("LOCAL_RANK", 0)) == 0
