@@ -154,9 +154,16 @@ def launch(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
         )
         for r in range(args.world)
     ]
-    codes = [p.wait(timeout=1800) for p in procs]
+    deadline = time.monotonic() + 1800
+    while any(p.poll() is None for p in procs):  # one rank failing ends the others at once
+        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+            break
+        time.sleep(0.2)
+    codes = [p.wait() for p in procs]
     if any(codes):
-        raise SystemExit(f"a rank failed: exit codes {codes}")
+        raise SystemExit(f"a rank failed or timed out: exit codes {codes}")
     out = []
     for r in range(args.world):
         path = result.with_suffix(f".rank{r}.json")
