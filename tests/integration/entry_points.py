@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gmeta.parallel.launch import LAUNCH_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -21,7 +23,9 @@ def run_entry_point(script: str, *overrides: str, tmp: Path) -> subprocess.Compl
     ]
     if script == "train.py":
         cmd.append("callbacks.progress_bar=null")  # keep the captured output small
-    env = {**os.environ, "PROJECT_ROOT": str(ROOT), "PYTHONWARNINGS": "ignore"}
+    # without launcher variables a test process may have picked up: the run starts its own ranks
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(PROJECT_ROOT=str(ROOT), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise AssertionError(

@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from gmeta.parallel import HybridParallelStrategy, shutdown_process_group
+from gmeta.parallel.launch import isolated_launch_env
 from gmeta.parallel.requeue import SlurmRequeue
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,8 +86,12 @@ def _trainer(root: Path, callbacks: list, max_steps: int) -> L.Trainer:
 
 @pytest.fixture
 def one_process_group():
-    yield
-    shutdown_process_group(grace_s=0.1)  # the strategy initialised a 1-process gloo group in pytest
+    # Lightning's launcher writes LOCAL_RANK/WORLD_SIZE/MASTER_* into os.environ: left in pytest's
+    # environment, every later train.py subprocess would think it was launched externally and wait
+    # for ranks that never come.
+    with isolated_launch_env():
+        yield
+        shutdown_process_group(grace_s=0.1)  # the strategy initialised a 1-process gloo group
 
 
 def test_requeue_signal_checkpoints_at_the_next_step_boundary_and_resumes(
