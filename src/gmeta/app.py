@@ -101,7 +101,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    save_run_info(cfg, output_dir)
+    if is_global_rank_zero():  # every rank of a run shares the folder
+        save_run_info(cfg, output_dir)
     datamodule = build_datamodule(cfg)
     model: MetaDLRMModule = instantiate(
         cfg.model,
@@ -136,7 +137,8 @@ def _evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    save_run_info(cfg, output_dir)
+    if is_global_rank_zero():
+        save_run_info(cfg, output_dir)
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt}")
