@@ -126,3 +126,14 @@ def test_fast_dev_run_debug_config(tmp_path: Path) -> None:
     )
     recs = json.loads((run_dir / "cold_start_metrics.json").read_text())
     assert recs and all(r["tasks"] > 0 for r in recs)
+
+
+def test_checkpoint_carries_the_vocabulary_for_serving(trained: dict) -> None:
+    ckpt = torch.load(
+        trained["run_dir"] / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
+    )
+    state = ckpt["TaskDataModule"]  # TaskDataModule.state_dict, stored by Lightning
+    shards = trained["tmp"] / "data" / "synthetic" / "shards"
+    assert state["vocab"] == json.loads((shards / "vocab.json").read_text())
+    assert state["vocab_sha256"] == trained["manifest"].data["vocab"]["sha256"]
+    assert state["task_config"] == trained["manifest"].data["task_config"]

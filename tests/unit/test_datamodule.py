@@ -222,3 +222,13 @@ def test_other_ranks_wait_for_rank_zeros_shards(tmp_path, shard_dir):
     assert done == [None]
     with pytest.raises(TimeoutError, match=r"did not build .*manifest.json within 0 s"):
         TaskDataModule(tmp_path / "never", batch_tasks=6).wait_for_shards(timeout_s=0.2, poll_s=0.05)
+
+
+def test_resuming_on_shards_with_another_vocabulary_is_refused(shard_dir):
+    dm = _module(shard_dir)
+    dm.setup()
+    state = dm.state_dict()
+    assert state["vocab_sha256"] and "vocab" in state
+    dm.load_state_dict(state)  # same shards: fine
+    with pytest.raises(ValueError, match=r"trained with the vocabulary of .* holds another one"):
+        dm.load_state_dict({**state, "vocab_sha256": "0" * 64})

@@ -16,6 +16,7 @@ collective embedding lookups never deadlock on uneven data. Real tasks are never
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: how data-parallel ranks share a split (see ``TaskStreamDataset``)
 RANK_SPLITS = ("shards", "batches")
+#: vocabularies up to this size (bytes of vocab.json) are stored in checkpoints
+MAX_VOCAB_IN_CHECKPOINT = 32 * 1024 * 1024
 
 #: tasks as handles: (ids of their decoded shards, indices in those shards), two int64 arrays
 Handles = tuple[np.ndarray, np.ndarray]
@@ -427,6 +430,37 @@ class TaskDataModule(L.LightningDataModule):
             seed=self.build_seed,
             force=self.force,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the data (Lightning stores it under the class name).
+
+        The vocabulary (raw id -> row per field) and the task config travel with the weights, so
+        ``gmeta adapt --ckpt`` can encode a new user's raw ids without the shard folder; vocabularies
+        over ``MAX_VOCAB_IN_CHECKPOINT`` bytes are referenced by folder and sha256 instead.
+        """
+        if self.manifest is None:
+            return {}
+        info = self.manifest.data.get("vocab", {})
+        state: dict[str, Any] = {
+            "data_dir": str(self.data_dir),
+            "vocab_sha256": info.get("sha256"),
+            "task_config": self.manifest.data.get("task_config"),
+        }
+        path = self.manifest.root / info.get("path", "vocab.json")
+        if info and path.is_file() and path.stat().st_size <= MAX_VOCAB_IN_CHECKPOINT:
+            state["vocab"] = json.loads(path.read_text())
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resuming on other shards than the checkpoint's is an error, not a silent mismatch."""
+        want = state.get("vocab_sha256")
+        have = (self.manifest.data.get("vocab", {}) if self.manifest is not None else {}).get("sha256")
+        if want and have and want != have:
+            raise ValueError(
+                f"the checkpoint was trained with the vocabulary of {state.get('data_dir')} (sha256 "
+                f"{want[:12]}...), but {self.data_dir} holds another one ({have[:12]}...): ids would map "
+                "to other rows. Use the same shards, or start a new run instead of resuming"
+            )
 
     def wait_for_shards(self, timeout_s: float = 3600.0, poll_s: float = 1.0) -> None:
         """On ranks other than 0: wait until rank 0's ``prepare_data`` has put the shards in place.
