@@ -422,13 +422,18 @@ class TaskDataModule(L.LightningDataModule):
                 "gmeta.data.shards.prepare_shards(source, task_config, data_dir), or pass source= and "
                 "task_config= to TaskDataModule (data=movielens1m / data=synthetic in the Hydra config)"
             )
+        self._prepare_shards(force=self.force)
+
+    def _prepare_shards(self, force: bool) -> None:
+        """Build the shards from ``source``, or (present) check that they were built from it."""
+        assert self.source is not None
         prepare_shards(
             self.source,
             self.task_config or TaskConfig(),
             self.data_dir,
             tasks_per_shard=self.tasks_per_shard,
             seed=self.build_seed,
-            force=self.force,
+            force=force,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -480,13 +485,7 @@ class TaskDataModule(L.LightningDataModule):
                 )
             time.sleep(poll_s)
         if self.source is not None:
-            prepare_shards(
-                self.source,
-                self.task_config or TaskConfig(),
-                self.data_dir,
-                tasks_per_shard=self.tasks_per_shard,
-                seed=self.build_seed,
-            )  # present: only compares the manifest's inputs with ours
+            self._prepare_shards(force=False)  # present: only compares the manifest's inputs with ours
 
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:
