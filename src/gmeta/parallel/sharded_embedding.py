@@ -108,7 +108,7 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         self.weight.normal_(0.0, self.init_std)
 
     # -- lookup ---------------------------------------------------------------------------------
-    def _header(self, batch: TaskBatch, loss_weight: int, send_counts: Tensor) -> Tensor:
+    def _header(self, loss_weight: int, send_counts: Tensor) -> Tensor:
         header = torch.zeros(self.world_size, _HEADER, dtype=torch.long)
         header[:, _COUNT] = send_counts
         header[:, _WEIGHT] = int(loss_weight)
@@ -143,7 +143,7 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         owner = unique % w
         order = torch.argsort(owner, stable=True)
         send_counts = torch.bincount(owner, minlength=w).cpu()
-        header = self._header(batch, loss_weight, send_counts)
+        header = self._header(loss_weight, send_counts)
         if bad is not None:
             header[:, _BAD] = 1
             header[:, _WHICH : _ID + 1] = torch.tensor(bad)
