@@ -211,14 +211,18 @@ class _DotGrad(torch.autograd.Function):
         return dv, dg, None, None
 
 
-class _WeightedSum(torch.autograd.Function):
-    """(M, F) weights, (M, F, d) vectors -> (M, d) weighted sums (the bottom output's gradient from
-    its dot pairs). The backward's outer product is a broadcast multiply: as a batched product with
-    an inner dimension of 1 it is several times slower on CPU."""
+class _PairsOfFirst(torch.autograd.Function):
+    """(M, n-1) weights, (M, n, d) vectors -> (M, d) weighted sum of vectors 1..n-1 (the bottom
+    output's gradient from its dot pairs (0, j), whose derivative w.r.t. v_0 is v_j).
+
+    It takes all n vectors, not the slice ``v[:, 1:]``: the interaction's backward saves ``v``
+    anyway, and the gradient of a slice would be materialized as a second full-size tensor. The
+    backward's outer product is a broadcast multiply: as a batched product with an inner dimension
+    of 1 it is several times slower on CPU."""
 
     @staticmethod
-    def forward(w: Tensor, e: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.bmm(w.unsqueeze(1), e).squeeze(1)
+    def forward(w: Tensor, v: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.bmm(w.unsqueeze(1), v[:, 1:]).squeeze(1)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
@@ -226,10 +230,14 @@ class _WeightedSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor) -> tuple[Tensor | None, Tensor | None]:  # type: ignore[override]
-        w, e = ctx.saved_tensors
-        dw = torch.bmm(e, dout.unsqueeze(-1)).squeeze(-1) if ctx.needs_input_grad[0] else None
-        de = w.unsqueeze(-1) * dout.unsqueeze(1) if ctx.needs_input_grad[1] else None
-        return dw, de
+        w, v = ctx.saved_tensors
+        dw = dv = None
+        if ctx.needs_input_grad[0]:
+            dw = torch.bmm(v[:, 1:], dout.unsqueeze(-1)).squeeze(-1)
+        if ctx.needs_input_grad[1]:  # weight 0 for v_0: one (M, n, d) gradient, no slice to fill
+            w0 = torch.nn.functional.pad(w, (1, 0))
+            dv = w0.unsqueeze(-1) * dout.unsqueeze(1)
+        return dw, dv
 
 
 class _Gather(torch.autograd.Function):
@@ -557,7 +565,9 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
                     g_emb = g_v
             elif tw.has_bottom:  # d(pair (0, j))/d v_0 = v_j
                 pair0 = g_feat[..., d : d + n - 1].reshape(T * S, n - 1)
-                g_pairs = _WeightedSum.apply(pair0, c.emb.reshape(T * S, n - 1, d))
+                # the interaction's vectors, which its backward saves anyway: saving the gathered
+                # (T, S, F, d) embeddings too would keep a second copy alive until the backward
+                g_pairs = _PairsOfFirst.apply(pair0, c.vecs)
                 g_bottom = g_feat[..., :d] + g_pairs.view(T, S, d)
         if need_bottom and g_bottom is not None:
             assert c.bottom_out is not None
@@ -621,6 +631,75 @@ def _set_weight(s: SetBatch, dtype: torch.dtype) -> Tensor:
     return m.to(dtype) / m.sum(-1, keepdim=True).clamp(min=1).to(dtype)
 
 
+def _inner_loop(
+    tw: Towers,
+    inner_tw: Towers,
+    inner_rows: Tensor,
+    s_ix: SetIndex,
+    e_s0: Tensor,
+    tr: TaskRows | None,
+    sup: SetBatch,
+    *,
+    steps: int,
+    lr: float,
+    second_order: bool,
+    attach_s0: bool,
+) -> tuple[State, Tensor | None]:
+    """``steps`` SGD steps on every task's support set: the learned ``State`` and the support logits
+    at the shared weights (attached to ``tw`` when ``attach_s0``).
+
+    A function of its own so that the support-side tensors it builds (the support forwards'
+    activations, the inner gradients) are freed when it returns, before the query forward: what
+    the outer backward needs of them, the graph has saved.
+
+    Args:
+        tw / inner_tw: the towers attached / as the inner loop sees them (detached for first order).
+        inner_rows: the looked-up rows as the inner loop sees them.
+        e_s0: (T, S, F, d) support embeddings at the shared rows.
+        tr: the tasks' own adapted rows (``adapt_embeddings``), or None.
+    """
+    dtype = e_s0.dtype
+    fs = s_ix.sparse.shape[-1]
+    s_dense = sup.dense.to(dtype)
+    st = State()
+    layers = inner_tw.bottom + inner_tw.top
+    S = sup.mask.shape[1]
+    materialized = {i for i, x in enumerate(layers) if x.adapted and materialize_layer(x, steps * S)}
+    # ANIL-like: neither the bottom tower nor the embeddings adapt -> the top input is fixed.
+    fixed_feats = tr is None and not any(x.adapted for x in tw.bottom)
+    support_logits = None
+    s_feats = None
+    weight_s = _set_weight(sup, dtype)
+    label_s = sup.label.to(dtype)
+    for k in range(steps):
+        grad_ctx = torch.enable_grad() if (second_order or (k == 0 and attach_s0)) else torch.no_grad()
+        with grad_ctx:
+            if k == 0:
+                e_s = e_s0
+                c = forward_set(tw if attach_s0 else inner_tw, st, lr, e_s, s_dense)
+                support_logits = c.logits
+                if not second_order and attach_s0:
+                    c = _detach_cache(c)
+                if fixed_feats:
+                    s_feats = (c.top_in[0], c.vecs, c.bottom_out)
+            else:
+                e_s = e_s0 if tr is None else e_s0 + gather(st.row_delta, tr.support)
+                if not second_order:
+                    e_s = e_s.detach()
+                c = forward_set(inner_tw, st, lr, e_s, s_dense, s_feats)
+        with torch.enable_grad() if second_order else torch.no_grad():
+            dlogit = bce_grad(c.logits, label_s, weight_s)
+            g = inner_backward(inner_tw, st, lr, c, dlogit, need_emb=tr is not None)
+            for i, (x, dd) in g.layers.items():
+                st.update(i, layers[i], x, dd, lr, i in materialized)
+            if tr is not None and g.emb is not None:
+                idx, vals = _emb_position_grads(g.emb, tr.support, fs)
+                d = e_s0.shape[-1]
+                upd = torch.zeros(tr.num + 1, d, dtype=dtype, device=e_s0.device).index_add(0, idx, vals)
+                st.row_delta = -lr * upd if st.row_delta is None else st.row_delta - lr * upd
+    return st, support_logits
+
+
 def run_meta(
     tw: Towers,
     rows: Tensor,
@@ -648,7 +727,6 @@ def run_meta(
     sup, qry = batch.support, batch.query
     s_ix = set_index(lookup.support, dtype)
     q_ix = set_index(lookup.query, dtype)
-    fs = s_ix.sparse.shape[-1]
     adapts_dense = any(x.adapted for x in tw.bottom + tw.top)
     steps = inner_steps if (adapts_dense or adapt_embeddings) else 0
     s_dense, q_dense = sup.dense.to(dtype), qry.dense.to(dtype)
@@ -657,56 +735,34 @@ def run_meta(
     inner_rows = rows if second_order else rows.detach()
     attach_s0 = second_order or support_logits_grad
 
-    # Embeddings: one gather for both sets when both carry gradients, else separately.
+    # Embeddings: one gather for both sets when both carry gradients (one zero gradient table in
+    # the backward), else the query's after the inner loop (not alive during it).
+    e_s0 = e_q0 = None
     if attach_s0 and track_grad:
         e_s0, e_q0 = gather_sets(rows, s_ix, q_ix)
-    else:
-        e_q0 = gather(rows if track_grad else rows.detach(), q_ix)
-        e_s0 = None
     tr = task_rows(s_ix, q_ix, rows.shape[0]) if (adapt_embeddings and steps > 0) else None
 
     st = State()
-    layers = inner_tw.bottom + inner_tw.top
-    S = sup.mask.shape[1]
-    materialized = {i for i, x in enumerate(layers) if x.adapted and materialize_layer(x, steps * S)}
-    # ANIL-like: neither the bottom tower nor the embeddings adapt -> the top input is fixed.
-    fixed_feats = steps > 0 and not adapt_embeddings and not any(x.adapted for x in tw.bottom)
     support_logits = None
-    s_feats = None
-    weight_s = _set_weight(sup, dtype)
-    label_s = sup.label.to(dtype)
-    for k in range(steps):
-        grad_ctx = torch.enable_grad() if (second_order or (k == 0 and attach_s0)) else torch.no_grad()
-        with grad_ctx:
-            if k == 0:
-                if e_s0 is None:
-                    e_s0 = gather(rows if attach_s0 else inner_rows, s_ix)
-                e_s = e_s0
-                c = forward_set(tw if attach_s0 else inner_tw, st, lr, e_s, s_dense)
-                support_logits = c.logits
-                if not second_order and attach_s0:
-                    c = _detach_cache(c)
-                if fixed_feats:
-                    s_feats = (c.top_in[0], c.vecs, c.bottom_out)
-            else:
-                e_s = e_s0 if tr is None else e_s0 + gather(st.row_delta, tr.support)
-                if not second_order:
-                    e_s = e_s.detach()
-                c = forward_set(inner_tw, st, lr, e_s, s_dense, s_feats)
-        with torch.enable_grad() if second_order else torch.no_grad():
-            dlogit = bce_grad(c.logits, label_s, weight_s)
-            g = inner_backward(inner_tw, st, lr, c, dlogit, need_emb=tr is not None)
-            for i, (x, dd) in g.layers.items():
-                st.update(i, layers[i], x, dd, lr, i in materialized)
-            if tr is not None and g.emb is not None:
-                idx, vals = _emb_position_grads(g.emb, tr.support, fs)
-                d = rows.shape[-1]
-                upd = torch.zeros(tr.num + 1, d, dtype=dtype, device=rows.device).index_add(0, idx, vals)
-                st.row_delta = -lr * upd if st.row_delta is None else st.row_delta - lr * upd
-
-    if steps == 0 and support_logits_grad:
+    if steps > 0:
+        st, support_logits = _inner_loop(
+            tw,
+            inner_tw,
+            inner_rows,
+            s_ix,
+            e_s0 if e_s0 is not None else gather(rows if attach_s0 else inner_rows, s_ix),
+            tr,
+            sup,
+            steps=steps,
+            lr=lr,
+            second_order=second_order,
+            attach_s0=attach_s0,
+        )
+    elif support_logits_grad:
         e_s0 = gather(rows, s_ix) if e_s0 is None else e_s0
         support_logits = forward_set(tw, st, lr, e_s0, s_dense).logits
+    e_s0 = None  # what the graph needs of the support side it has saved; free the rest now
+    layers = inner_tw.bottom + inner_tw.top
     # The query forward: attached params (training) with the inner loop's factors.
     with torch.enable_grad() if track_grad else torch.no_grad():
         q_tw = tw if track_grad else tw.detached()
@@ -717,9 +773,9 @@ def run_meta(
                 i: (q_layers[i].weight + (w - layers[i].weight), q_layers[i].bias + (b - layers[i].bias))
                 for i, (w, b) in st.weights.items()
             }
-        e_q = e_q0
+        e_q = e_q0 if e_q0 is not None else gather(rows if track_grad else rows.detach(), q_ix)
         if tr is not None and st.row_delta is not None:
-            e_q = e_q0 + gather(st.row_delta, tr.query)
+            e_q = e_q + gather(st.row_delta, tr.query)
         cq = forward_set(q_tw, st, lr, e_q, q_dense)
     return FastResult(cq.logits, support_logits, steps > 0)
 
