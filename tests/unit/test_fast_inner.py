@@ -127,6 +127,20 @@ def test_float64_fast_equals_vmap_and_loop(
     assert lk.rows.grad is None and all(p.grad is None for p in params.values())
 
 
+@pytest.mark.parametrize(("name", "adapt_embeddings"), [("maml", False), ("maml", True), ("none", False)])
+def test_dot_backward_built_in_chunks_equals_whole(name, adapt_embeddings, monkeypatch):
+    """The dot interaction's (G + G^T) v is built a few rows at a time on big batches (memory);
+    chunks of 5 rows (several per set, the last one short) give the same meta-gradients."""
+    emb, model = make_models("dot", torch.float64)
+    batch = make_batch()
+    cfg, cfg_vmap = configs(name, 3, adapt_embeddings)
+    whole = run(meta_loss, emb, model, batch, cfg)
+    monkeypatch.setattr(fast, "_SYM_CHUNK", 5)
+    chunked = run(meta_loss, emb, model, batch, cfg)
+    assert_close(chunked, whole, 1e-12)
+    assert_close(chunked, run(meta_loss, emb, model, batch, cfg_vmap), 1e-10)
+
+
 @pytest.mark.parametrize("interaction", ["dot", "concat"])
 @pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), CASES)
 def test_float32_fast_equals_vmap(interaction, name, steps, adapt_embeddings, layer_form):

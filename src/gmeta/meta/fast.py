@@ -149,6 +149,26 @@ def _sym_from_pairs(g: Tensor, pairs: Tensor, n: int) -> Tensor:
     return m.view(-1, n, n)
 
 
+_SYM_CHUNK = 1024  # rows of G built at a time by _sym_bmm
+
+
+def _sym_bmm(gp: Tensor, pairs: Tensor, x: Tensor) -> Tensor:
+    """``(G + G^T) x`` for (M, n(n-1)/2) pair values ``gp`` and (M, n, k) ``x``: (M, n, k).
+
+    G is built ``_SYM_CHUNK`` rows at a time: the whole (M, n, n) matrix (11 MB for criteo's 4,096
+    support samples) would be a temporary at the memory peak of the backward. Unchunked when a graph
+    is recorded (``out=`` cannot be differentiated).
+    """
+    n, m = x.shape[1], x.shape[0]
+    if torch.is_grad_enabled() or m <= _SYM_CHUNK:
+        return torch.bmm(_sym_from_pairs(gp, pairs, n), x)
+    out = x.new_empty(m, n, x.shape[2])
+    for a in range(0, m, _SYM_CHUNK):
+        b = min(a + _SYM_CHUNK, m)
+        torch.bmm(_sym_from_pairs(gp[a:b], pairs, n), x[a:b], out=out[a:b])
+    return out
+
+
 class _DotFeatures(torch.autograd.Function):
     """(M, n, d) vectors -> (M, off + n(n-1)/2) top-tower inputs: ``v[:, 0]`` (the bottom output,
     ``off`` = d; 0 without a bottom tower), then the pairwise dot products (strict upper triangle).
@@ -186,7 +206,7 @@ class _DotGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(v: Tensor, g: Tensor, pairs: Tensor, off: int) -> Tensor:  # type: ignore[override]
-        out = torch.bmm(_sym_from_pairs(g[:, off:], pairs, v.shape[1]), v)
+        out = _sym_bmm(g[:, off:], pairs, v)
         if off:
             out[:, 0] += g[:, :off]
         return out
@@ -203,7 +223,7 @@ class _DotGrad(torch.autograd.Function):
         n, off = v.shape[1], ctx.off
         dv = dg = None
         if ctx.needs_input_grad[0]:
-            dv = torch.bmm(_sym_from_pairs(g[:, off:], pairs, n), dout)
+            dv = _sym_bmm(g[:, off:], pairs, dout)
         if ctx.needs_input_grad[1]:
             p = torch.bmm(dout, v.transpose(1, 2)).view(-1, n * n)
             dp = p.index_select(1, pairs[0]) + p.index_select(1, pairs[1])
