@@ -28,13 +28,18 @@ Configs:
   ``data/movielens1m/shards``; skipped with a message when that folder is missing.
 
 Reported per variant: ``samples_per_s`` (real support+query samples per step / median step time),
-median ``step_ms`` over ``--steps`` timed steps after ``--warmup`` untimed ones, and ``peak_mem_mb``:
+median ``step_ms`` over ``--steps`` timed steps after ``--warmup`` untimed ones, ``vs_plain_paired``
+(the median over rounds of plain's step time / this variant's in the same round, on the same batch:
+machine drift cancels out), ``gflop_per_step`` (matrix-product FLOPs of one step,
+``torch.utils.flop_counter``), ``peak_tensor_mb`` (the largest total of tensors alive at once that one
+step allocates, ``gmeta.tensor_memory.TensorMemoryTracker``: exact and repeatable) and ``peak_mem_mb``:
 on CUDA ``torch.cuda.max_memory_allocated`` during one extra step minus the memory allocated before it;
 on CPU the growth of the process's peak RSS (VmHWM, reset through ``/proc/self/clear_refs``) during one
 extra step above the RSS before it, after ``malloc_trim(0)`` has handed glibc's free heap back to the
-OS (so: roughly the extra memory a step needs on top of model + batches; allocator slack can add to it). Finally the samples/s ratios
+OS (allocator slack and the machine's state move it by tens of MB). Finally the ratios: samples/s
 maml/plain, fomaml/plain, maml/maml_loop, maml/maml_vmap, fomaml/fomaml_vmap, maml_vmap/plain and
-fomaml_vmap/plain.
+fomaml_vmap/plain; the paired maml/plain and fomaml/plain; the FLOP bound plain/variant GFLOP (what
+the ratio would be if every step ran at the same FLOP rate); and peak tensor memory variant/plain.
 
 Run (defaults finish in under 10 minutes on 2 CPU cores)::
 
@@ -73,6 +78,7 @@ from gmeta.meta.inner import (
 )
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingCollection
+from gmeta.tensor_memory import TensorMemoryTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS_SHARDS = ROOT / "data" / "movielens1m" / "shards"
@@ -92,6 +98,25 @@ def trim_malloc() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters
+
+
+def keep_heap_allocations() -> bool:
+    """glibc: serve every allocation from the heap and keep freed memory there (``mallopt``).
+
+    By default glibc maps each block over 32 MB with ``mmap`` and unmaps it when freed, so a
+    step that allocates such tensors page-faults (and zero-fills) them again every step. Which
+    variant pays that depends on tensor sizes, not on the algorithm: criteo's plain step does
+    (its (8192, 27, 64) interaction tensors are 54 MB), the meta steps (4096-row sets, 27 MB) do not;
+    that alone moved plain's step from 159 to 200 ms between runs. Returns whether it applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):
+        return False
 
 
 def _status_kb(key: str) -> int | None:
@@ -133,6 +158,25 @@ def measure_peak_mb(fn: Callable[[], None], device: torch.device) -> float | Non
     if before is None or peak is None:
         return None
     return max(0, peak - before) / 1024
+
+
+def measure_tensor_peak_mb(fn: Callable[[], None]) -> float:
+    """Largest total of tensor storages alive at once during ``fn`` (MiB), counting only what it
+    allocates (``TensorMemoryTracker``): exact and repeatable, unlike the RSS figure."""
+    gc.collect()
+    with TensorMemoryTracker() as tracker:
+        fn()
+    return tracker.peak_mb
+
+
+def measure_gflop(fn: Callable[[], None]) -> float:
+    """Matrix-product FLOPs of one call (``torch.utils.flop_counter``: mm, bmm, addmm, baddbmm, ...),
+    in GFLOP. Elementwise ops are not counted; they are a small share of these models' work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -420,8 +464,16 @@ def bench(s: Setup, steps: int, warmup: int, loop_steps: int, variants: tuple[st
         print(f"[{s.name}] round {rnd + 1}/{warmup + steps} done", file=sys.stderr, flush=True)
     results = []
     for v in variants:
-        peak = measure_peak_mb(lambda v=v: (train_step(s, s.batches[0], v), None)[1], s.device)
+        step = lambda v=v: (train_step(s, s.batches[0], v), None)[1]  # noqa: E731
+        peak = measure_peak_mb(step, s.device)
         med = statistics.median(times[v])
+        base = times.get("plain")
+        # per-round ratio to plain's step of the same round and batch: drift cancels out
+        paired = (
+            statistics.median(p / t for p, t in zip(base, times[v], strict=False))
+            if base and v != "plain"
+            else None
+        )
         results.append(
             {
                 "bench": s.name,
@@ -429,6 +481,9 @@ def bench(s: Setup, steps: int, warmup: int, loop_steps: int, variants: tuple[st
                 "samples_per_s": statistics.mean(samples[v]) / med,
                 "step_ms": med * 1e3,
                 "step_ms_min": min(times[v]) * 1e3,
+                "vs_plain_paired": paired,
+                "gflop_per_step": measure_gflop(step),
+                "peak_tensor_mb": measure_tensor_peak_mb(step),
                 "timed_steps": len(times[v]),
                 "samples_per_step": statistics.mean(samples[v]),
                 "tasks_per_step": int(s.batches[0].task_mask.sum()),
@@ -447,10 +502,26 @@ def ratios(name: str, results: list[dict]) -> dict[str, Any]:
     def ratio(a: str, b: str) -> float | None:
         return sps[a] / sps[b] if a in sps and b in sps else None
 
+    by = {r["variant"]: r for r in results}
+
+    def field_ratio(key: str, a: str, b: str) -> float | None:
+        if a not in by or b not in by or not by[a].get(key):
+            return None
+        return by[b][key] / by[a][key] if key == "gflop_per_step" else by[a][key] / by[b][key]
+
     return {
         "bench": name,
         "variant": "ratios",
+        # samples/s ratios of the medians, and the median of the per-round ratios (paired)
         "maml/plain": ratio("maml", "plain"),
+        "maml/plain paired": by.get("maml", {}).get("vs_plain_paired"),
+        "fomaml/plain paired": by.get("fomaml", {}).get("vs_plain_paired"),
+        # the ratio plain's FLOPs / the variant's (same batch): what a purely compute-bound step gives
+        "maml/plain flop bound": field_ratio("gflop_per_step", "maml", "plain"),
+        "fomaml/plain flop bound": field_ratio("gflop_per_step", "fomaml", "plain"),
+        # exact tensor memory of a step (TensorMemoryTracker), variant / plain
+        "maml/plain peak tensor memory": field_ratio("peak_tensor_mb", "maml", "plain"),
+        "fomaml/plain peak tensor memory": field_ratio("peak_tensor_mb", "fomaml", "plain"),
         "fomaml/plain": ratio("fomaml", "plain"),
         "maml/maml_loop": ratio("maml", "maml_loop"),
         "maml/maml_vmap": ratio("maml", "maml_vmap"),
@@ -462,7 +533,8 @@ def ratios(name: str, results: list[dict]) -> dict[str, Any]:
 
 def print_table(results: list[dict]) -> None:
     header = (
-        f"{'bench':<10} {'variant':<12} {'samples/s':>11} {'step_ms':>10} {'steps':>5} {'peak_mb':>9}  device"
+        f"{'bench':<10} {'variant':<12} {'samples/s':>11} {'step_ms':>10} {'steps':>5} {'GFLOP':>8} "
+        f"{'tensor_mb':>10} {'peak_mb':>9}  device"
     )
     print(header)
     print("-" * len(header))
@@ -470,7 +542,8 @@ def print_table(results: list[dict]) -> None:
         peak = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
         print(
             f"{r['bench']:<10} {r['variant']:<12} {r['samples_per_s']:>11.1f} {r['step_ms']:>10.1f} "
-            f"{r['timed_steps']:>5} {peak:>9}  {r['device']}"
+            f"{r['timed_steps']:>5} {r['gflop_per_step']:>8.2f} {r['peak_tensor_mb']:>10.1f} {peak:>9}  "
+            f"{r['device']}"
         )
 
 
@@ -496,6 +569,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
+    p.add_argument(
+        "--malloc",
+        choices=["heap", "default"],
+        default="heap",
+        help="heap: glibc keeps large blocks on the heap (no per-step page faults; see "
+        "keep_heap_allocations); default: glibc's own policy",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     p.add_argument(
@@ -523,9 +603,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     loop_steps = max(1, min(loop_steps, args.steps))
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
+    malloc = "heap" if args.malloc == "heap" and keep_heap_allocations() else "default"
     print(
         f"torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, "
-        f"inter-op threads {torch.get_num_interop_threads()}, device {device}, dtype {args.dtype}",
+        f"inter-op threads {torch.get_num_interop_threads()}, device {device}, dtype {args.dtype}, "
+        f"malloc {malloc}",
         flush=True,
     )
     builders = {"criteo": setup_criteo, "movielens": setup_movielens}
@@ -542,6 +624,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results += profile_variant(s, args.profile, args.profile_steps, args.profile_top)
             continue
         res = bench(s, args.steps, args.warmup, loop_steps, variants)
+        for r in res:
+            r["malloc"] = malloc
         results += res
         summary.append(ratios(name, res))
         del s
@@ -551,7 +635,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print_table(results)
     for r in summary:
         parts = [f"{k} {v:.3f}" for k, v in r.items() if "/" in k and v is not None]
-        print(f"{r['bench']}: " + ", ".join(parts) + " (samples/s ratios)")
+        print(f"{r['bench']}: " + ", ".join(parts))
     print()
     lines = [json.dumps(r) for r in results + summary]
     for line in lines:

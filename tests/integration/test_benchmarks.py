@@ -45,9 +45,18 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
         assert r["bench"] == "criteo" and r["device"] == "cpu"
         assert positive(r["samples_per_s"]) and positive(r["step_ms"])
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
+        assert positive(r["gflop_per_step"]) and positive(r["peak_tensor_mb"])
+        assert r["malloc"] in ("heap", "default")
+    by = {r["variant"]: r for r in rows}
+    # the same objective, the same FLOPs: the loop and vmap references count what the fast path avoids
+    assert by["maml_loop"]["gflop_per_step"] == by["maml_vmap"]["gflop_per_step"]
+    assert by["maml"]["gflop_per_step"] < by["maml_vmap"]["gflop_per_step"]
     (ratios,) = [r for r in lines if r["variant"] == "ratios"]
-    for key in ("maml/plain", "fomaml/plain", "maml/maml_loop", "maml/maml_vmap", "fomaml/fomaml_vmap"):
+    keys = ("maml/plain", "fomaml/plain", "maml/maml_loop", "maml/maml_vmap", "fomaml/fomaml_vmap")
+    keys += ("maml/plain paired", "maml/plain flop bound", "maml/plain peak tensor memory")
+    for key in keys:
         assert positive(ratios[key])
+    assert ratios["maml/plain flop bound"] == by["plain"]["gflop_per_step"] / by["maml"]["gflop_per_step"]
 
 
 def test_bench_io_smoke(tmp_path: Path) -> None:
