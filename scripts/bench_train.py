@@ -196,6 +196,7 @@ class Setup:
     metas: dict[str, MetaConfig]
     device: torch.device
     info: dict[str, Any]
+    autocast: torch.dtype | None = None  # --precision bf16: the forward under torch.autocast
 
 
 def build_model(
@@ -237,20 +238,22 @@ def real_samples(batch: TaskBatch) -> int:
 
 
 def train_step(s: Setup, batch: TaskBatch, variant: str) -> float:
-    """One training step (as ``MetaDLRMModule.training_step``); returns the loss."""
+    """One training step (as ``MetaDLRMModule.training_step``, the forward under autocast when
+    ``s.autocast`` is set, as Lightning's bf16-mixed precision runs it); returns the loss."""
     lookup = s.emb.lookup(batch)
     params = dict(s.dlrm.named_parameters())
     cfg = s.metas[variant]
-    if variant == "maml_loop":
-        loss = meta_loss_reference(s.dlrm, params, lookup.rows, lookup, batch, cfg)
-        if cfg.support_loss_weight > 0:
-            # meta_loss_reference has no auxiliary support term: add meta_loss's (vectorized, cheap).
-            sup = batch.support
-            logits = _shared_logits(s.dlrm, params, lookup.rows, lookup.support, sup)
-            bce = masked_bce(logits, sup.label.to(lookup.rows.dtype), sup.mask)
-            loss = loss + cfg.support_loss_weight * masked_task_mean(bce, batch.task_mask)
-    else:
-        loss, _ = meta_loss(s.dlrm, params, lookup.rows, lookup, batch, cfg)
+    with torch.autocast(s.device.type, dtype=s.autocast or torch.bfloat16, enabled=s.autocast is not None):
+        if variant == "maml_loop":
+            loss = meta_loss_reference(s.dlrm, params, lookup.rows, lookup, batch, cfg)
+            if cfg.support_loss_weight > 0:
+                # meta_loss_reference has no auxiliary support term: add meta_loss's (vectorized).
+                sup = batch.support
+                logits = _shared_logits(s.dlrm, params, lookup.rows, lookup.support, sup)
+                bce = masked_bce(logits, sup.label.to(lookup.rows.dtype), sup.mask)
+                loss = loss + cfg.support_loss_weight * masked_task_mean(bce, batch.task_mask)
+        else:
+            loss, _ = meta_loss(s.dlrm, params, lookup.rows, lookup, batch, cfg)
     s.opt.zero_grad(set_to_none=True)
     loss.backward()
     s.opt.step()
@@ -568,6 +571,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inner-lr", type=float, default=None, help="override (criteo 0.1, movielens 0.3)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16"],
+        default="fp32",
+        help="fp32: full float32; tf32: CUDA float32 matmuls on TF32 tensor cores; bf16: the forward "
+        "under torch.autocast(bfloat16), parameters float32 (Lightning's bf16-mixed). Same for every "
+        "variant, so the ratios compare like with like",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: all cores)")
     p.add_argument(
         "--malloc",
@@ -604,10 +615,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     malloc = "heap" if args.malloc == "heap" and keep_heap_allocations() else "default"
+    if args.precision != "fp32" and args.dtype != "float32":
+        raise SystemExit(f"--precision {args.precision} needs --dtype float32")
+    if args.precision == "tf32":
+        if device.type != "cuda":
+            raise SystemExit("--precision tf32 is a CUDA setting (TF32 tensor cores)")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     print(
         f"torch {torch.__version__}: intra-op threads {torch.get_num_threads()}, "
         f"inter-op threads {torch.get_num_interop_threads()}, device {device}, dtype {args.dtype}, "
-        f"malloc {malloc}",
+        f"precision {args.precision}, malloc {malloc}",
         flush=True,
     )
     builders = {"criteo": setup_criteo, "movielens": setup_movielens}
@@ -619,6 +637,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         s = builders[name](args, device, dtype)
         if s is None:
             continue
+        s.autocast = torch.bfloat16 if args.precision == "bf16" else None
         print(f"[{name}] built in {time.perf_counter() - t0:.1f}s: {json.dumps(s.info)}", flush=True)
         if args.profile:
             results += profile_variant(s, args.profile, args.profile_steps, args.profile_top)
@@ -626,6 +645,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         res = bench(s, args.steps, args.warmup, loop_steps, variants)
         for r in res:
             r["malloc"] = malloc
+            r["precision"] = args.precision
         results += res
         summary.append(ratios(name, res))
         del s

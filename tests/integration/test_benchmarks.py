@@ -46,7 +46,7 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
         assert positive(r["samples_per_s"]) and positive(r["step_ms"])
         assert r["peak_mem_mb"] is None or r["peak_mem_mb"] >= 0
         assert positive(r["gflop_per_step"]) and positive(r["peak_tensor_mb"])
-        assert r["malloc"] in ("heap", "default")
+        assert r["malloc"] in ("heap", "default") and r["precision"] == "fp32"
     by = {r["variant"]: r for r in rows}
     # the same objective, the same FLOPs: the loop and vmap references count what the fast path avoids
     assert by["maml_loop"]["gflop_per_step"] == by["maml_vmap"]["gflop_per_step"]
@@ -57,6 +57,14 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
     for key in keys:
         assert positive(ratios[key])
     assert ratios["maml/plain flop bound"] == by["plain"]["gflop_per_step"] / by["maml"]["gflop_per_step"]
+
+
+def test_bench_train_bf16_autocast_smoke(tmp_path: Path) -> None:
+    args = ["--config", "criteo", "--rows", "1000", "--tasks", "8", "--steps", "1", "--warmup", "1"]
+    lines = run_json("bench_train.py", *args, "--precision", "bf16", "--variants", "plain,maml", tmp=tmp_path)
+    rows = [r for r in lines if r["variant"] != "ratios"]
+    assert {r["variant"] for r in rows} == {"plain", "maml"}
+    assert all(r["precision"] == "bf16" and positive(r["samples_per_s"]) for r in rows)
 
 
 def test_bench_io_smoke(tmp_path: Path) -> None:

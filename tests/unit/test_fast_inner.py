@@ -154,6 +154,31 @@ def test_float32_fast_equals_vmap(interaction, name, steps, adapt_embeddings, la
 
 
 @pytest.mark.parametrize("interaction", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), [*CASES, ("none", 1, False)])
+def test_bfloat16_autocast_is_as_close_to_float32_as_the_vmap_path(
+    interaction, name, steps, adapt_embeddings, fast_calls
+):
+    """Under ``torch.autocast(bfloat16)`` (Lightning's bf16-mixed) the fast step computes in
+    bfloat16 (its custom backward ops would otherwise mix dtypes and fail) and is as far from float32
+    as the vmap path under autocast's own rules (measured: within 1.5x, 0.07-0.3 relative on these
+    random models); gradients reach the float32 params and rows in float32."""
+    vocab = (40, 30, 50, 20)
+    torch.manual_seed(1)
+    emb = EmbeddingCollection(vocab, 2, 16, init_std=0.1)
+    model = DLRM(len(vocab), 3, 16, bottom_mlp=(32, 16), top_mlp=(64, 32), interaction=interaction)
+    batch = random_batch(1, [16] * 12, [16] * 12, vocab_sizes=vocab)
+    cfg, cfg_vmap = configs(name, steps, adapt_embeddings)
+    ref = run(meta_loss, emb, model, batch, cfg)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run(meta_loss, emb, model, batch, cfg)
+        vmap = run(meta_loss, emb, model, batch, cfg_vmap)
+    assert fast_calls or name == "none"
+    assert all(g.dtype == torch.float32 for g in got.values())
+    err, err_vmap = max(rel_diff(got, ref).values()), max(rel_diff(vmap, ref).values())
+    assert 1e-4 < err <= 2 * err_vmap + 0.02, (err, err_vmap)  # bfloat16, not float32 in disguise
+
+
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
 @pytest.mark.parametrize("name", ["maml", "fomaml", "none"])
 def test_support_loss_weight_and_no_bottom_tower(interaction, name, layer_form):
     """The reused step-0 support forward gives the same support term; models without dense features."""

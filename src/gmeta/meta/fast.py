@@ -35,8 +35,10 @@ n = F + 1 vectors in the interaction (F without a bottom tower), P the top tower
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -84,6 +86,17 @@ class Towers:
 
         return Towers(
             det(self.bottom), det(self.top), self.interaction, self.dim, self.num_fields, self.pairs
+        )
+
+    def to(self, dtype: torch.dtype) -> Towers:
+        """The towers with every weight cast to ``dtype`` (differentiable: gradients reach the
+        original weights in their own dtype)."""
+
+        def cast(layers: list[Layer]) -> list[Layer]:
+            return [Layer(x.weight.to(dtype), x.bias.to(dtype), x.adapted) for x in layers]
+
+        return Towers(
+            cast(self.bottom), cast(self.top), self.interaction, self.dim, self.num_fields, self.pairs
         )
 
 
@@ -635,6 +648,31 @@ def _grow(fac: Factors | None, new: Factors) -> Factors:
 # The meta step
 # --------------------------------------------------------------------------------------------------
 
+_R = TypeVar("_R")
+
+
+def _in_autocast_dtype(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """Mixed precision (``torch.autocast``, e.g. Lightning's ``precision="bf16-mixed"``): call
+    ``fn(tw, rows, ...)`` with the towers and rows cast to the autocast dtype and autocast off.
+
+    Under autocast only some ops change dtype (the matrix products), and the backward passes of
+    custom autograd Functions run outside it, so the hand-written inner backward would mix bfloat16
+    and float32 operands. Cast once at the entry, the whole step computes in the low precision (as
+    autocast does for its products); autograd differentiates the casts back to the float32 params
+    and rows, and the loss is computed outside, where autocast keeps it in float32.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(tw: Towers, rows: Tensor, *args: Any, **kwargs: Any) -> _R:
+        device = rows.device.type
+        if not torch.is_autocast_enabled(device):
+            return fn(tw, rows, *args, **kwargs)
+        low = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            return fn(tw.to(low), rows.to(low), *args, **kwargs)
+
+    return wrapper
+
 
 @dataclass
 class FastResult:
@@ -720,6 +758,7 @@ def _inner_loop(
     return st, support_logits
 
 
+@_in_autocast_dtype
 def run_meta(
     tw: Towers,
     rows: Tensor,
@@ -834,12 +873,14 @@ def cat_sets(a: SetIndex, b: SetIndex) -> SetIndex:
     )
 
 
+@_in_autocast_dtype
 def shared_logits(tw: Towers, rows: Tensor, idx: LocalIndex, s: SetBatch) -> Tensor:
     """(T, M) logits of one set at the shared weights."""
     emb = gather(rows, set_index(idx, rows.dtype))
     return forward_set(tw, State(), 0.0, emb, s.dense.to(rows.dtype)).logits
 
 
+@_in_autocast_dtype
 def plain_logits(
     tw: Towers, rows: Tensor, lookup: EmbeddingLookup, batch: TaskBatch
 ) -> tuple[Tensor, Tensor]:
