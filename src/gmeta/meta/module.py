@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zlib
 from typing import Any
 
@@ -30,6 +31,13 @@ from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingCollection
 
 EVAL_MODES: tuple[tuple[str, bool], ...] = (("plain", False), ("adapted", True))
+
+# The val/test metrics are computed by a collective (``ColdStartMetrics.compute``), so every rank
+# logs the same global value; Lightning cannot know that and would warn once per metric and epoch
+# on multi-process runs (52 lines on a 1-epoch run) that sync_dist=True is recommended.
+warnings.filterwarnings(
+    "ignore", message=r"It is recommended to use `self\.log\('(val|test)/.*sync_dist=True\)`"
+)
 
 
 class MetaDLRMModule(L.LightningModule):
