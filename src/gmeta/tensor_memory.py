@@ -21,8 +21,9 @@ from torch.utils._pytree import tree_flatten
 class TensorMemoryTracker(TorchDispatchMode):
     """``with TensorMemoryTracker() as t: step()``, then ``t.peak_bytes`` / ``t.live_bytes``.
 
-    Only ops dispatched in this thread are seen (autograd runs CPU backward ops in the calling
-    thread; CUDA backward ops in a device thread are not seen: use ``torch.cuda`` statistics there).
+    Checked on CPU (``tests/unit/test_tensor_memory.py``), where autograd runs the backward in the
+    calling thread. On CUDA ``torch.cuda.max_memory_allocated`` is the allocator's own figure; the
+    benchmarks report both.
     """
 
     def __init__(self) -> None:
