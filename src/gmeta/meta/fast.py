@@ -457,7 +457,7 @@ def linear(x: Tensor, layer: Layer, st: State, i: int, lr: float) -> Tensor:
         return torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()).view(T, M, -1)
     z = _unsafe_view(torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()), (T, M, -1))
     X, D = fac
-    return z.baddbmm_(torch.bmm(x, X.transpose(1, 2)).add_(1.0), D, alpha=-lr)
+    return _LowRank.apply(z, x, X, D, lr, True)
 
 
 def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float, cols: int | None) -> Tensor:
@@ -474,7 +474,43 @@ def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float,
     X, D = fac
     if cols is not None:
         X = X[..., :cols]
-    return g.baddbmm_(torch.bmm(delta, D.transpose(1, 2)), X, alpha=-lr)
+    return _LowRank.apply(g, delta, D, X, lr, False)
+
+
+class _LowRank(torch.autograd.Function):
+    """``base - lr * (x Y^T [+ 1]) V``, added in place to ``base`` (a fresh shared product): the
+    per-task correction of a low-rank adapted layer. x: (T, M, k), Y: (T, R, k), V: (T, R, n).
+
+    Its own backward so that every gradient is a batched product in row-major layout: autograd's
+    backward of ``x @ Y.mT`` gives dY as the transpose of a product, and the strided gradients made
+    the ops downstream (gradient sums, ReLU masks) several times slower (criteo MAML: ~13 ms of
+    strided elementwise work per step).
+    """
+
+    @staticmethod
+    def forward(ctx, base: Tensor, x: Tensor, Y: Tensor, V: Tensor, lr: float, plus_one: bool) -> Tensor:  # type: ignore[override]
+        a = torch.bmm(x, Y.transpose(1, 2))
+        if plus_one:
+            a.add_(1.0)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(x, Y, V, a)  # a: (T, M, R), small
+        ctx.lr = lr
+        return base.baddbmm_(a, V, alpha=-lr)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, Y, V, a = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx = dY = dV = None
+        if need[1] or need[2]:
+            da = torch.bmm(g, V.transpose(1, 2)).mul_(-ctx.lr)  # (T, M, R)
+            if need[1]:
+                dx = torch.bmm(da, Y)
+            if need[2]:
+                dY = torch.bmm(da.transpose(1, 2), x)
+        if need[3]:
+            dV = torch.bmm(a.transpose(1, 2), g).mul_(-ctx.lr)
+        return g, dx, dY, dV, None, None
 
 
 def _unsafe_view(x: Tensor, shape: tuple[int, ...]) -> Tensor:
