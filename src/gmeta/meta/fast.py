@@ -503,13 +503,14 @@ class _LowRank(torch.autograd.Function):
         need = ctx.needs_input_grad
         dx = dY = dV = None
         if need[1] or need[2]:
-            da = torch.bmm(g, V.transpose(1, 2)).mul_(-ctx.lr)  # (T, M, R)
+            # -lr folded into the small (T, M, R) factor, not the large results
+            da = torch.bmm(g, V.transpose(1, 2)).mul_(-ctx.lr)
             if need[1]:
                 dx = torch.bmm(da, Y)
             if need[2]:
                 dY = torch.bmm(da.transpose(1, 2), x)
         if need[3]:
-            dV = torch.bmm(a.transpose(1, 2), g).mul_(-ctx.lr)
+            dV = torch.bmm(a.transpose(1, 2).mul(-ctx.lr), g)
         return g, dx, dY, dV, None, None
 
 
