@@ -59,12 +59,14 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gmeta.data.batch import SetBatch, TaskBatch
 from gmeta.meta.inner import (
@@ -409,6 +411,59 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _OpTimer(TorchDispatchMode):
+    """Wall time and calls of every ATen op dispatched while active (forward and CPU backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ms: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        t0 = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ms[name] += (time.perf_counter() - t0) * 1e3
+        self.calls[name] += 1
+        return out
+
+
+def op_times(s: Setup, variants: tuple[str, ...], steps: int, top: int) -> list[dict]:
+    """Per-op time per step of each variant, side by side (``--op-times``): what a meta step spends
+    beyond plain, op by op. Synchronous CPU timing; on CUDA it times kernel launches only."""
+    timers = {}
+    for v in variants:
+        train_step(s, s.batches[0], v)
+        timers[v] = _OpTimer()
+        with timers[v]:
+            for i in range(steps):
+                train_step(s, s.batches[i % len(s.batches)], v)
+    ops = sorted(
+        {op for t in timers.values() for op in t.ms}, key=lambda op: -max(t.ms[op] for t in timers.values())
+    )
+    print(f"[{s.name}] ms per step (calls per step), {steps} steps")
+    print(f"{'op':<22}" + "".join(f"{v:>18}" for v in variants))
+    out = []
+    for op in ops[:top]:
+        cells = [(timers[v].ms[op] / steps, timers[v].calls[op] / steps) for v in variants]
+        print(f"{op:<22}" + "".join(f"{ms:>10.2f} ({n:>4.0f})" for ms, n in cells))
+        out += [
+            {
+                "bench": s.name,
+                "variant": "op_times",
+                "of": v,
+                "op": op,
+                "ms_per_step": ms,
+                "calls_per_step": n,
+            }
+            for v, (ms, n) in zip(variants, cells, strict=True)
+        ]
+    print(
+        f"{'all ops':<22}" + "".join(f"{sum(t.ms.values()) / steps:>10.2f}       " for t in timers.values())
+    )
+    return out
+
+
 def profile_variant(s: Setup, variant: str, steps: int, top: int) -> list[dict]:
     """``torch.profiler`` over ``steps`` training steps of one variant (after one warm-up step): the
     ``top`` ATen ops by self CPU time, grouped by input shapes, with their share of the profiled time.
@@ -595,8 +650,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="VARIANT",
         help="instead of timing: torch.profiler table of this variant's training step (top ops)",
     )
-    p.add_argument("--profile-steps", type=int, default=3, help="steps profiled with --profile")
-    p.add_argument("--profile-top", type=int, default=25, help="ops listed with --profile")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps profiled with --profile / --op-times")
+    p.add_argument("--profile-top", type=int, default=25, help="ops listed with --profile / --op-times")
+    p.add_argument(
+        "--op-times",
+        action="store_true",
+        help="instead of timing: ms per step of every ATen op, the --variants side by side",
+    )
     return p.parse_args(argv)
 
 
@@ -642,6 +702,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.profile:
             results += profile_variant(s, args.profile, args.profile_steps, args.profile_top)
             continue
+        if args.op_times:
+            results += op_times(s, variants, args.profile_steps, args.profile_top)
+            continue
         res = bench(s, args.steps, args.warmup, loop_steps, variants)
         for r in res:
             r["malloc"] = malloc
@@ -651,7 +714,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del s
         gc.collect()
     print()
-    if not args.profile:
+    if not (args.profile or args.op_times):
         print_table(results)
     for r in summary:
         parts = [f"{k} {v:.3f}" for k, v in r.items() if "/" in k and v is not None]

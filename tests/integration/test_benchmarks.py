@@ -67,6 +67,16 @@ def test_bench_train_bf16_autocast_smoke(tmp_path: Path) -> None:
     assert all(r["precision"] == "bf16" and positive(r["samples_per_s"]) for r in rows)
 
 
+def test_bench_train_op_times_smoke(tmp_path: Path) -> None:
+    args = ["--config", "criteo", "--rows", "1000", "--tasks", "8", "--profile-steps", "1"]
+    lines = run_json("bench_train.py", *args, "--op-times", "--variants", "plain,maml", tmp=tmp_path)
+    by_variant: dict[str, float] = {}
+    for r in lines:
+        assert r["variant"] == "op_times" and r["calls_per_step"] >= 0
+        by_variant[r["of"]] = by_variant.get(r["of"], 0.0) + r["ms_per_step"]
+    assert set(by_variant) == {"plain", "maml"} and all(positive(x) for x in by_variant.values())
+
+
 def test_bench_io_smoke(tmp_path: Path) -> None:
     args = ["--synthetic", "--synthetic-users", "150", "--batch-tasks", "8", "--max-batches", "3"]
     lines = run_json("bench_io.py", *args, "--consume-steps", "2", "--workers", "0,1", tmp=tmp_path)
