@@ -80,24 +80,21 @@ class Towers:
     def n_vec(self) -> int:
         return self.num_fields + (1 if self.has_bottom else 0)
 
-    def detached(self) -> Towers:
-        def det(layers: list[Layer]) -> list[Layer]:
-            return [Layer(x.weight.detach(), x.bias.detach(), x.adapted) for x in layers]
+    def _map(self, f: Callable[[Tensor], Tensor]) -> Towers:
+        def each(layers: list[Layer]) -> list[Layer]:
+            return [Layer(f(x.weight), f(x.bias), x.adapted) for x in layers]
 
         return Towers(
-            det(self.bottom), det(self.top), self.interaction, self.dim, self.num_fields, self.pairs
+            each(self.bottom), each(self.top), self.interaction, self.dim, self.num_fields, self.pairs
         )
+
+    def detached(self) -> Towers:
+        return self._map(Tensor.detach)
 
     def to(self, dtype: torch.dtype) -> Towers:
         """The towers with every weight cast to ``dtype`` (differentiable: gradients reach the
         original weights in their own dtype)."""
-
-        def cast(layers: list[Layer]) -> list[Layer]:
-            return [Layer(x.weight.to(dtype), x.bias.to(dtype), x.adapted) for x in layers]
-
-        return Towers(
-            cast(self.bottom), cast(self.top), self.interaction, self.dim, self.num_fields, self.pairs
-        )
+        return self._map(lambda t: t.to(dtype))
 
 
 def _linear_names(seq: nn.Sequential | None, prefix: str, last_relu: bool) -> list[str] | None:

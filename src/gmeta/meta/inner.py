@@ -253,6 +253,31 @@ def query_logits(model: DLRM, fast: FastWeights, lookup: EmbeddingLookup, query:
     )
 
 
+def _run_fast(
+    towers: fast.Towers,
+    rows: Tensor,
+    lookup: EmbeddingLookup,
+    batch: TaskBatch,
+    cfg: MetaConfig,
+    *,
+    training: bool,
+) -> fast.FastResult:
+    """``fast.run_meta`` with ``cfg``'s inner loop: the training objective (second order unless
+    ``first_order``, gradients to params and rows), or evaluation (first order, no gradients)."""
+    return fast.run_meta(
+        towers,
+        rows,
+        lookup,
+        batch,
+        inner_steps=cfg.inner_steps,
+        inner_lr=cfg.inner_lr,
+        adapt_embeddings=cfg.adapt_embeddings,
+        second_order=training and not cfg.first_order,
+        track_grad=training,
+        support_logits_grad=training and cfg.support_loss_weight > 0,
+    )
+
+
 def _shared_logits(
     model: DLRM, params: Mapping[str, Tensor], rows: Tensor, idx: LocalIndex, s: SetBatch
 ) -> Tensor:
@@ -305,18 +330,7 @@ def meta_loss(
         support_loss = masked_task_mean(masked_bce(s_logits, s.label.to(dtype), s.mask), tm)
         query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(dtype), q.mask), tm)
     elif towers is not None:
-        res = fast.run_meta(
-            towers,
-            rows,
-            lookup,
-            batch,
-            inner_steps=cfg.inner_steps,
-            inner_lr=cfg.inner_lr,
-            adapt_embeddings=cfg.adapt_embeddings,
-            second_order=not cfg.first_order,
-            track_grad=True,
-            support_logits_grad=cfg.support_loss_weight > 0,
-        )
+        res = _run_fast(towers, rows, lookup, batch, cfg, training=True)
         q_logits = res.query_logits
         loss = query_loss = masked_task_mean(masked_bce(q_logits, q.label.to(dtype), q.mask), tm)
         shared_support = None
@@ -371,18 +385,7 @@ def predict(
         with torch.no_grad():
             if not adapted:
                 return fast.shared_logits(towers.detached(), rows.detach(), lookup.query, batch.query)
-            return fast.run_meta(
-                towers,
-                rows,
-                lookup,
-                batch,
-                inner_steps=cfg.inner_steps,
-                inner_lr=cfg.inner_lr,
-                adapt_embeddings=cfg.adapt_embeddings,
-                second_order=False,
-                track_grad=False,
-                support_logits_grad=False,
-            ).query_logits
+            return _run_fast(towers, rows, lookup, batch, cfg, training=False).query_logits
     if not adapted:
         with torch.no_grad():
             return _shared_logits(model, params, rows, lookup.query, batch.query)
