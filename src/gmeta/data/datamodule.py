@@ -6,8 +6,11 @@ Every task is read exactly once per epoch across all (rank, worker) slots:
 * with at least as many shards as slots, shards (in an order shuffled per epoch for training) go
   round-robin to slots; otherwise every slot reads every shard and keeps every ``slots``-th task.
 
-Rank and world size are passed in explicitly (``torch.distributed`` is not initialised inside
-DataLoader workers and WebDataset's default node splitter raises in multi-process runs).
+Each slot's shards come from a webdataset pipeline (``gmeta.data.stream.shard_pipeline``): shard
+URLs (local paths, ``file://``, ``http(s)://``, ``pipe:``, fsspec URLs) -> per-epoch shard shuffle
+-> slot split -> gopen -> whole-shard decode. Rank and world size are passed in explicitly
+(``torch.distributed`` is not initialised inside DataLoader workers and WebDataset's default node
+splitter raises in multi-process runs).
 
 With ``equal_batches`` (the default) each rank yields the same number of batches per epoch:
 ranks with fewer real batches append batches of one masked dummy task (``task_mask`` False), so
@@ -20,6 +23,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +44,22 @@ from gmeta.data.batch import (
     collate_tasks,
 )
 from gmeta.data.schema import MULTI_HOT_PAD, Schema
-from gmeta.data.shards import MANIFEST, Manifest, prepare_shards, read_manifest, read_shard, verify_shards
+from gmeta.data.shards import MANIFEST, VOCAB, Manifest, prepare_shards
 from gmeta.data.sources.base import Source
+from gmeta.data.stream import (
+    VERIFY_MODES,
+    Location,
+    as_location,
+    check_manifest,
+    check_sizes,
+    is_url,
+    join,
+    load_manifest,
+    plan,
+    read_url,
+    shard_pipeline,
+    verify_full,
+)
 from gmeta.data.tasks import TaskConfig
 
 log = logging.getLogger(__name__)
@@ -83,8 +101,10 @@ class TaskStreamDataset(IterableDataset):
     """Iterable over ``TaskBatch``es of one split, for one rank (see the module docstring).
 
     Args:
-        shards: shard paths of the split.
+        shards: shard locations of the split: paths or URLs (``http(s)://``, ``pipe:``, ``file://``,
+            fsspec URLs; see ``gmeta.data.stream``).
         shard_tasks: tasks per shard (from the manifest; a shard yielding a different count is an error).
+        shard_bytes: bytes per shard (from the manifest; a shard of another size is an error), or None.
         schema: encoded schema (records are validated against it).
         batch_tasks: tasks per batch (the last batch of a slot may be smaller).
         shuffle: shuffle shard order per epoch and tasks through a buffer (training).
@@ -103,7 +123,7 @@ class TaskStreamDataset(IterableDataset):
 
     def __init__(
         self,
-        shards: list[Path],
+        shards: list[Location],
         shard_tasks: list[int],
         schema: Schema,
         batch_tasks: int,
@@ -115,18 +135,20 @@ class TaskStreamDataset(IterableDataset):
         equal_batches: bool = True,
         drop_last: bool = False,
         rank_split: str = "shards",
+        shard_bytes: list[int] | None = None,
     ) -> None:
         super().__init__()
         if rank_split not in RANK_SPLITS:
             raise ValueError(f"rank_split must be one of {RANK_SPLITS}, got {rank_split!r}")
-        if len(shards) != len(shard_tasks):
-            raise ValueError("shards and shard_tasks must have the same length")
+        if len(shards) != len(shard_tasks) or (shard_bytes is not None and len(shard_bytes) != len(shards)):
+            raise ValueError("shards, shard_tasks (and shard_bytes) must have the same length")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if batch_tasks < 1:
             raise ValueError("batch_tasks must be >= 1")
-        self.shards = [Path(s) for s in shards]
+        self.shards: list[Location] = [s if is_url(s) else Path(s) for s in shards]
         self.shard_tasks = [int(n) for n in shard_tasks]
+        self.shard_bytes = None if shard_bytes is None else [int(n) for n in shard_bytes]
         self.schema = schema
         self.batch_tasks = batch_tasks
         self.shuffle = shuffle
@@ -149,17 +171,23 @@ class TaskStreamDataset(IterableDataset):
         self._epoch.fill_(int(epoch))
 
     # -- planning (pure functions of epoch, slots and the manifest counts) -------------------
+    # (the shard pipeline's own shuffle and split stages, run on the manifest counts alone)
     def shard_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(len(self.shards)))
-        return [int(i) for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))]
+        return [s["index"] for s in plan(self.shard_tasks, 0, 1, self.shuffle, self.seed, epoch)]
 
     def slot_plan(self, slot: int, num_slots: int, epoch: int) -> tuple[list[int], int | None]:
         """(shards this slot reads, task stride or None): the stride is used when shards < slots."""
-        order = self.shard_order(epoch)
-        if len(order) >= num_slots:
-            return order[slot::num_slots], None
-        return order, num_slots
+        picked = plan(self.shard_tasks, slot, num_slots, self.shuffle, self.seed, epoch)
+        return [s["index"] for s in picked], (None if len(self.shards) >= num_slots else num_slots)
+
+    def rank_shards(self, num_workers: int, epoch: int) -> list[int]:
+        """Shards this rank reads in ``epoch`` over all its loader workers (sorted)."""
+        w = max(1, num_workers)
+        if self._split_batches:  # every rank reads like one process
+            slots = [(k, w) for k in range(w)]
+        else:
+            slots = [(self.rank * w + k, self.world_size * w) for k in range(w)]
+        return sorted({i for slot, n in slots for i in self.slot_plan(slot, n, epoch)[0]})
 
     def slot_tasks(self, slot: int, num_slots: int, epoch: int) -> int:
         shards, stride = self.slot_plan(slot, num_slots, epoch)
@@ -194,14 +222,20 @@ class TaskStreamDataset(IterableDataset):
     # -- iteration ---------------------------------------------------------------------------
     def _blocks(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[TaskChunk, np.ndarray]]:
         """This slot's tasks shard by shard: (decoded shard, indices of the tasks this slot keeps)."""
-        shards, stride = self.slot_plan(slot, num_slots, epoch)
-        index = 0
-        for i in shards:
-            chunk = read_shard(self.shards[i], self.schema, expected_tasks=self.shard_tasks[i])
-            n = chunk.num_tasks
-            first, step = (0, 1) if stride is None else ((slot - index) % stride, stride)
-            yield chunk, np.arange(first, n, step, dtype=np.int64)
-            index += n
+        pipeline = shard_pipeline(
+            self.shards,
+            self.shard_tasks,
+            self.schema,
+            slot,
+            num_slots,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=epoch,
+            shard_bytes=self.shard_bytes,
+        )
+        for sample in pipeline:
+            chunk = sample["chunk"]
+            yield chunk, np.arange(sample["first"], chunk.num_tasks, sample["step"], dtype=np.int64)
 
     def _shuffled(self, blocks: Iterator[Handles], rng: np.random.Generator) -> Iterator[Handles]:
         """Pool shuffle over (shard id, task index) handles, one shard at a time.
@@ -358,7 +392,10 @@ class TaskDataModule(L.LightningDataModule):
     """LightningDataModule over task shards (see the module docstring).
 
     Args:
-        data_dir: folder holding ``manifest.json`` and the shards.
+        data_dir: folder holding ``manifest.json`` and the shards: a path, or a URL (``http(s)://``,
+            ``file://``, an fsspec URL such as ``s3://``) read through webdataset's gopen / fsspec;
+            shard URLs are ``data_dir`` + ``/`` + the manifest's relative paths. Remote shards are
+            never built or rebuilt here: build them with ``scripts/prepare_data.py`` and upload.
         batch_tasks / eval_batch_tasks: tasks per training / evaluation meta-batch, over ALL ranks
             (each of W ranks takes ``batch_tasks / W``; must divide), so an experiment keeps its
             meta-batch, and so its learning dynamics, on 1 or W processes.
@@ -369,7 +406,15 @@ class TaskDataModule(L.LightningDataModule):
         seed: shuffle seed of the training stream.
         build_seed: seed of the shard build (splits, random queries) when shards are prepared here;
             separate from ``seed`` so that training with another seed reuses the same shards.
-        verify_checksums: check shard sha256 in ``setup`` (sizes and task counts are always checked).
+        verify: what is checked before training. ``sizes`` (default): in ``setup`` the manifest
+            (entries complete, task counts adding up), when a loader is built the existence and
+            byte size of the shards THIS rank reads in its first epoch (local shards: one ``stat``
+            each), and every shard's size and task count as it is read, before any of its tasks is
+            used. ``full``: additionally every shard of every split read in full in ``setup`` (size,
+            sha256, task count), on every rank: slow on large data.
+        verify_checksums: deprecated boolean form of ``verify`` (True -> ``full``, False -> ``sizes``).
+        build_wait_s: how long ranks other than 0 wait for rank 0 to build missing shards
+            (``wait_for_shards``) before failing with a hint to prebuild them.
         source / task_config / tasks_per_shard: if given, ``prepare_data`` builds missing shards.
         rank / world_size: override the trainer's global rank / world size (tests, custom launchers).
         equal_batches: pad ranks to equal batch counts with masked dummy batches.
@@ -386,7 +431,9 @@ class TaskDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 256,
         seed: int = 0,
-        verify_checksums: bool = True,
+        verify: str | None = None,
+        verify_checksums: bool | None = None,
+        build_wait_s: float = 3600.0,
         source: Source | None = None,
         task_config: TaskConfig | None = None,
         tasks_per_shard: int = 256,
@@ -399,11 +446,12 @@ class TaskDataModule(L.LightningDataModule):
         persistent_workers: bool = True,
     ) -> None:
         super().__init__()
-        self.data_dir = Path(data_dir)
+        self.data_dir: Location = as_location(data_dir)
         self.persistent_workers = persistent_workers
         self.batch_tasks, self.eval_batch_tasks = batch_tasks, eval_batch_tasks
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
-        self.verify_checksums = verify_checksums
+        self.verify = _verify_mode(verify, verify_checksums)
+        self.build_wait_s = float(build_wait_s)
         self.source, self.task_config, self.tasks_per_shard = source, task_config, tasks_per_shard
         self._rank, self._world_size = rank, world_size
         self.equal_batches, self.force, self.build_seed = equal_batches, force, build_seed
@@ -412,8 +460,29 @@ class TaskDataModule(L.LightningDataModule):
         self.rank_split = rank_split
         self.manifest: Manifest | None = None
         self.schema: Schema | None = None
+        self._checked: set[tuple[str, int, int]] = set()  # (split, rank, world) whose sizes were checked
+        self._vocab: dict[str, Any] | None = None
+
+    @property
+    def remote(self) -> bool:
+        """Whether the shards live at a URL (never built here)."""
+        return not isinstance(self.data_dir, Path)
+
+    def _check_remote(self) -> None:
+        """A URL data_dir: nothing to build; make sure its manifest can be read."""
+        if self.source is not None or self.force:
+            log.warning(
+                "data_dir %s is a URL: shards there are neither built nor compared with data.source "
+                "(build them with scripts/prepare_data.py and upload the folder)",
+                self.data_dir,
+            )
+        load_manifest(self.data_dir)
 
     def prepare_data(self) -> None:
+        if self.remote:
+            self._check_remote()
+            return
+        assert isinstance(self.data_dir, Path)
         if (self.data_dir / MANIFEST).is_file() and not self.force and self.source is None:
             return
         if self.source is None:
@@ -426,7 +495,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def _prepare_shards(self, force: bool) -> None:
         """Build the shards from ``source``, or (present) check that they were built from it."""
-        assert self.source is not None
+        assert self.source is not None and isinstance(self.data_dir, Path)
         prepare_shards(
             self.source,
             self.task_config or TaskConfig(),
@@ -451,10 +520,26 @@ class TaskDataModule(L.LightningDataModule):
             "vocab_sha256": info.get("sha256"),
             "task_config": self.manifest.data.get("task_config"),
         }
-        path = self.manifest.root / info.get("path", "vocab.json")
-        if info and path.is_file() and path.stat().st_size <= MAX_VOCAB_IN_CHECKPOINT:
-            state["vocab"] = json.loads(path.read_text())
+        vocab = self._vocab_for_checkpoint(info)
+        if vocab is not None:
+            state["vocab"] = vocab
         return state
+
+    def _vocab_for_checkpoint(self, info: dict[str, Any]) -> dict[str, Any] | None:
+        """``vocab.json`` if it is small enough to travel in a checkpoint (fetched once for URLs)."""
+        assert self.manifest is not None
+        if not info:
+            return None
+        root = self.manifest.root
+        if isinstance(root, Path):
+            path = root / info.get("path", VOCAB)
+            if path.is_file() and path.stat().st_size <= MAX_VOCAB_IN_CHECKPOINT:
+                return json.loads(path.read_text())
+            return None
+        if self._vocab is None:
+            raw = read_url(join(root, info.get("path", VOCAB)), what="vocabulary")
+            self._vocab = json.loads(raw) if len(raw) <= MAX_VOCAB_IN_CHECKPOINT else {}
+        return self._vocab or None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resuming on other shards than the checkpoint's is an error, not a silent mismatch."""
@@ -467,21 +552,30 @@ class TaskDataModule(L.LightningDataModule):
                 "to other rows. Use the same shards, or start a new run instead of resuming"
             )
 
-    def wait_for_shards(self, timeout_s: float = 3600.0, poll_s: float = 1.0) -> None:
+    def wait_for_shards(self, timeout_s: float | None = None, poll_s: float = 1.0) -> None:
         """On ranks other than 0: wait until rank 0's ``prepare_data`` has put the shards in place.
 
         All ranks of a torchrun/srun launch start together, before any process group exists, and
         only one may build (the build moves a finished folder into place, so a manifest never
         appears half-written). Then the same input check as rank 0's runs: shards built from other
         inputs are an error here too. With ``force`` it waits for a manifest newer than this call.
+        ``timeout_s`` defaults to ``build_wait_s``. A URL ``data_dir`` has nothing to wait for.
         """
+        if self.remote:
+            self._check_remote()
+            return
+        assert isinstance(self.data_dir, Path)
+        timeout_s = self.build_wait_s if timeout_s is None else timeout_s
         manifest = self.data_dir / MANIFEST
         start = time.time()
         while not (manifest.is_file() and (not self.force or manifest.stat().st_mtime >= start)):
             if time.time() - start > timeout_s:
                 raise TimeoutError(
                     f"rank 0 did not build {manifest} within {timeout_s:.0f} s (is {self.data_dir} on a "
-                    "file system every node shares? did rank 0 fail?)"
+                    "file system every node shares? did rank 0 fail?). For large data, prebuild the "
+                    "shards once before launching: python scripts/prepare_data.py <the same data "
+                    f"overrides as this run> (e.g. data.data_dir={self.data_dir}); or raise "
+                    "data.build_wait_s"
                 )
             time.sleep(poll_s)
         if self.source is not None:
@@ -490,8 +584,10 @@ class TaskDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.manifest is not None:
             return
-        manifest = read_manifest(self.data_dir)
-        verify_shards(manifest, check_checksums=self.verify_checksums)
+        manifest = load_manifest(self.data_dir)
+        check_manifest(manifest)
+        if self.verify == "full":
+            verify_full(manifest)
         self.manifest, self.schema = manifest, manifest.schema
         log.info(
             "task shards in %s: %s",
@@ -522,9 +618,11 @@ class TaskDataModule(L.LightningDataModule):
                 f"data.{name}={global_batch} is the meta-batch over all ranks and must be divisible by the "
                 f"world size {world}"
             )
-        return TaskStreamDataset(
-            shards=self.manifest.shard_paths(split),
-            shard_tasks=[s["tasks"] for s in self.manifest.shards(split)],
+        shards = self.manifest.shards(split)
+        dataset = TaskStreamDataset(
+            shards=list(self.manifest.shard_paths(split)),
+            shard_tasks=[s["tasks"] for s in shards],
+            shard_bytes=[s["bytes"] for s in shards],
             schema=self.schema,
             batch_tasks=global_batch // world,
             shuffle=train,
@@ -535,6 +633,12 @@ class TaskDataModule(L.LightningDataModule):
             equal_batches=self.equal_batches,
             rank_split=self.rank_split,
         )
+        if (split, rank, world) not in self._checked:
+            # fail before the first step, not mid-epoch: this rank's first-epoch shards exist with
+            # their sizes (every shard read is checked again as it is read)
+            check_sizes(self.manifest, split, dataset.rank_shards(self.num_workers, self._epoch()))
+            self._checked.add((split, rank, world))
+        return dataset
 
     def _epoch(self) -> int:
         trainer = self.trainer
@@ -557,3 +661,25 @@ class TaskDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> TaskDataLoader:
         return self._loader("test")
+
+
+def _verify_mode(verify: str | None, verify_checksums: bool | None) -> str:
+    """``verify``, or the mode the deprecated ``verify_checksums`` flag stands for."""
+    if verify_checksums is not None:
+        legacy = "full" if verify_checksums else "sizes"
+        if verify is not None and verify != legacy:
+            raise ValueError(
+                f"data.verify={verify!r} contradicts data.verify_checksums={verify_checksums} "
+                f"(which means verify={legacy!r}): set only data.verify"
+            )
+        warnings.warn(
+            f"data.verify_checksums is deprecated: use data.verify={legacy!r} "
+            "(sizes: this rank's shards, checked as read; full: sha256 of every shard at setup)",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        verify = legacy
+    verify = "sizes" if verify is None else verify
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"data.verify must be one of {VERIFY_MODES}, got {verify!r}")
+    return verify
