@@ -421,6 +421,10 @@ class TaskDataModule(L.LightningDataModule):
         rank_split: ``shards`` (each rank its own shards) or ``batches`` (every rank the 1-process
             batches, its block of each): see ``TaskStreamDataset``.
         force: rebuild shards even if a manifest exists.
+        engine: shard builder, ``duckdb`` (out of core, the default) or ``pandas`` (the in-memory
+            reference); both build the same tasks (``gmeta.data.build``).
+        build: options of the out-of-core build (``gmeta.data.build.BuildOptions`` fields:
+            memory_limit, threads, workers, rows_per_partition, temp_dir).
     """
 
     def __init__(
@@ -444,8 +448,11 @@ class TaskDataModule(L.LightningDataModule):
         build_seed: int = 0,
         rank_split: str = "shards",
         persistent_workers: bool = True,
+        engine: str = "duckdb",
+        build: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.engine, self.build = engine, dict(build or {})
         self.data_dir: Location = as_location(data_dir)
         self.persistent_workers = persistent_workers
         self.batch_tasks, self.eval_batch_tasks = batch_tasks, eval_batch_tasks
@@ -503,6 +510,8 @@ class TaskDataModule(L.LightningDataModule):
             tasks_per_shard=self.tasks_per_shard,
             seed=self.build_seed,
             force=force,
+            engine=self.engine,
+            build_options=self.build,
         )
 
     def state_dict(self) -> dict[str, Any]:

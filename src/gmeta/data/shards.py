@@ -643,8 +643,14 @@ def prepare_shards(
     tasks_per_shard: int = 256,
     seed: int = 0,
     force: bool = False,
+    engine: str = "duckdb",
+    build_options: Any = None,
 ) -> Path:
     """Build shards from ``source`` unless ``out_dir`` already holds a manifest for the same inputs.
+
+    ``engine``: ``duckdb`` (out of core, ``gmeta.data.build``; ``build_options`` a ``BuildOptions``)
+    or ``pandas`` (the in-memory reference builder). Both produce the same tasks, so the engine
+    is not part of the inputs compared with an existing manifest.
 
     An existing manifest built from another source, task config or seed is an error (stale shards)
     unless ``force`` is set, which rebuilds from scratch. Shards of an older format version are
@@ -674,19 +680,44 @@ def prepare_shards(
             )
         log.info("shards already present in %s", out)
         return out
-    df, schema = source.load()
-    splits = build_tasks(df, schema, task_config, seed=seed)
+    if engine not in ("duckdb", "pandas"):
+        raise ValueError(f"data.engine must be 'duckdb' or 'pandas', got {engine!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        write_shards(
-            splits, tmp, task_config, seed=seed, tasks_per_shard=tasks_per_shard, source=want["source"]
-        )
+        if engine == "pandas":
+            df, schema = source.load()
+            splits = build_tasks(df, schema, task_config, seed=seed)
+            manifest = write_shards(
+                splits, tmp, task_config, seed=seed, tasks_per_shard=tasks_per_shard, source=want["source"]
+            )
+        else:
+            from gmeta.data.build import BuildOptions, build_shards  # the build imports this module
+
+            options = (
+                build_options
+                if isinstance(build_options, BuildOptions)
+                else BuildOptions(**(build_options or {}))
+            )
+            manifest = build_shards(
+                source,
+                task_config,
+                tmp,
+                seed=seed,
+                tasks_per_shard=tasks_per_shard,
+                source_description=want["source"],
+                options=options,
+            )
+        if not any(manifest["splits"][s]["tasks"] for s in SPLITS):
+            raise SchemaError(
+                f"no task left after filtering ({manifest['stats']['interactions']} interactions, "
+                f"filtered: {manifest['filtered']}): check min_interactions / max_interactions and the task key"
+            )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    log.info("prepared shards in %s: %s tasks", out, {s: len(splits.split(s)) for s in SPLITS})
+    log.info("prepared shards in %s: %s tasks", out, {s: manifest["splits"][s]["tasks"] for s in SPLITS})
     return out

@@ -21,6 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -95,6 +96,19 @@ class TabularSource:
         self.schema_path = Path(schema_path)
 
     def describe(self) -> dict[str, Any]:
+        if not self.path.exists():
+            raise SchemaError(f"{self.path}: no such file or directory (data.source.path)")
+        if self.path.is_dir():
+            files = [
+                [str(p.relative_to(self.path)), p.stat().st_size, p.stat().st_mtime_ns]
+                for p in self._parquet_files()
+            ]
+            return {
+                "source": "tabular",
+                "path": str(self.path),
+                "files": files,
+                "schema": self.schema_path.read_text(),
+            }
         st = self.path.stat()
         return {
             "source": "tabular",
@@ -104,10 +118,19 @@ class TabularSource:
             "schema": self.schema_path.read_text(),
         }
 
+    def _parquet_files(self) -> list[Path]:
+        """The Parquet files of ``path``: the file itself, or a directory's ``*.parquet`` in name order."""
+        if self.path.is_dir():
+            files = sorted(p for p in self.path.rglob("*") if p.suffix.lower() in (".parquet", ".pq"))
+            if not files:
+                raise SchemaError(f"{self.path}: directory holds no .parquet files")
+            return files
+        return [self.path]
+
     def _read(self, id_columns: list[str]) -> pd.DataFrame:
         suffix = self.path.suffix.lower()
-        if suffix in (".parquet", ".pq"):
-            return pd.read_parquet(self.path)
+        if self.path.is_dir() or suffix in (".parquet", ".pq"):
+            return pd.concat([pd.read_parquet(p) for p in self._parquet_files()], ignore_index=True)
         if suffix in (".csv", ".tsv", ".txt"):
             sep = "\t" if suffix == ".tsv" else ","
             return pd.read_csv(self.path, sep=sep, dtype={c: str for c in id_columns})
@@ -177,3 +200,117 @@ class TabularSource:
             df[schema.time] = t
         log.info("%s: %d rows, %d tasks", f, len(df), df[key].nunique())
         return df, schema
+
+    # -- out-of-core scan (the DuckDB builder) ---------------------------------------------
+    def scan_duckdb(self, con: Any, row_column: str) -> Schema:
+        """Create the view ``src`` over the file(s) in DuckDB, with the same checks and types as ``load``.
+
+        Nothing is read into Python: the checks are SQL queries that locate the first bad row.
+        ``row_column`` receives each row's 0-based position (files in name order for a directory).
+        """
+        from gmeta.data.build.duckdb_plan import lit, q
+
+        schema, ignore = load_schema_file(self.schema_path)
+        f = self.path
+        suffix = f.suffix.lower()
+        if f.is_dir() or suffix in (".parquet", ".pq"):
+            files = self._parquet_files()
+            import pyarrow.parquet as pq
+
+            offsets = np.cumsum([0] + [pq.ParquetFile(p).metadata.num_rows for p in files[:-1]])
+            con.execute("CREATE TEMP TABLE src_files (filename VARCHAR, offset_rows BIGINT)")
+            con.executemany(
+                "INSERT INTO src_files VALUES (?, ?)",
+                [[str(p), int(o)] for p, o in zip(files, offsets, strict=True)],
+            )
+            listing = ", ".join(lit(str(p)) for p in files)
+            con.execute(
+                f"CREATE VIEW src_raw AS SELECT r.* EXCLUDE (filename, file_row_number), "
+                f"src_files.offset_rows + r.file_row_number AS {q(row_column)} "
+                f"FROM read_parquet([{listing}], filename = true, file_row_number = true) r "
+                "JOIN src_files USING (filename)"
+            )
+        elif suffix in (".csv", ".tsv", ".txt"):
+            sep = "\t" if suffix == ".tsv" else ","
+            con.execute(
+                f"CREATE VIEW src_raw AS SELECT *, row_number() OVER () - 1 AS {q(row_column)} "
+                f"FROM read_csv({lit(str(f))}, delim = {lit(sep)}, header = true, all_varchar = true)"
+            )
+        else:
+            raise SchemaError(f"{f}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
+        types = {r[0]: r[1] for r in con.execute("DESCRIBE src_raw").fetchall()}
+        columns = [c for c in types if c != row_column]
+        required = schema.required_columns()
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise SchemaError(
+                f"{f}: missing column(s) {missing} required by schema {self.schema_path} (file has {columns})"
+            )
+        extra = [c for c in columns if c not in required and c not in ignore]
+        if extra:
+            raise SchemaError(
+                f"{f}: column(s) {extra} are not in schema {self.schema_path}; declare them as sparse, "
+                "multi_hot or dense fields, or list them under ignore_columns"
+            )
+        key, row = schema.task_key, q(row_column)
+
+        def first(condition: str) -> tuple[int, Any, Any] | None:
+            """(row, task key value, value) of the first row where ``condition`` holds."""
+            hit = con.execute(
+                f"SELECT {row}, CAST({q(key)} AS VARCHAR) FROM src_raw WHERE {condition} ORDER BY {row} LIMIT 1"
+            ).fetchall()
+            return (int(hit[0][0]), hit[0][1]) if hit else None
+
+        def value_at(col: str, r: int) -> Any:
+            return con.execute(f"SELECT {q(col)} FROM src_raw WHERE {row} = {r}").fetchall()[0][0]
+
+        for col in dict.fromkeys([key, *(x.name for x in schema.sparse)]):
+            hit = first(f"{q(col)} IS NULL")
+            if hit:
+                where = "" if col == key else f" (task {key}={hit[1]!r})"
+                raise SchemaError(
+                    f"{f}: id column {col!r} has a missing value (NaN) at row {hit[0]}{where}; ids must be present"
+                )
+        for col in [schema.label] + [x.name for x in schema.dense]:
+            number = f"TRY_CAST({q(col)} AS DOUBLE)"
+            hit = first(f"{q(col)} IS NOT NULL AND {number} IS NULL")
+            if hit:
+                kind = "label" if col == schema.label else "dense"
+                raise SchemaError(
+                    f"{f}: {kind} column {col!r} must be numeric; row {hit[0]} (task {key}={hit[1]!r}) "
+                    f"has {value_at(col, hit[0])!r}"
+                )
+            hit = first(f"{q(col)} IS NULL OR isnan({number})")
+            if hit:
+                what = "label" if col == schema.label else "dense value"
+                raise SchemaError(
+                    f"{f}: {what} {col!r} is NaN at row {hit[0]} (task {key}={hit[1]!r}); expected a number"
+                )
+        select = [
+            row,
+            *(
+                f"CAST({q(c)} AS VARCHAR) AS {q(c)}"
+                for c in dict.fromkeys([key, *(x.name for x in schema.sparse)])
+            ),
+        ]
+        select += [f"COALESCE(CAST({q(x.name)} AS VARCHAR), '') AS {q(x.name)}" for x in schema.multi_hot]
+        select += [
+            f"CAST(CAST({q(c)} AS DOUBLE) AS FLOAT) AS {q(c)}"
+            for c in [schema.label] + [x.name for x in schema.dense]
+        ]
+        if schema.time is not None:
+            t, kind = q(schema.time), types[schema.time].upper()
+            if kind.startswith("TIMESTAMP") or kind == "DATE":
+                seconds = f"CAST(floor(epoch_us(CAST({t} AS TIMESTAMPTZ)) / 1000000) AS BIGINT)"
+            else:  # numeric seconds (CSV columns arrive as text)
+                seconds = f"TRY_CAST({t} AS DOUBLE)"
+            hit = first(f"({seconds}) IS NULL OR isnan({seconds})")
+            if hit:
+                raise SchemaError(
+                    f"{f}: time column {schema.time!r} at row {hit[0]} (task {key}={hit[1]!r}) is missing or not numeric/datetime"
+                )
+            select.append(f"{seconds} AS {t}")
+        con.execute(f"CREATE VIEW src AS SELECT {', '.join(dict.fromkeys(select))} FROM src_raw")
+        n = con.execute("SELECT count(*) FROM src").fetchall()[0][0]
+        log.info("%s: %d rows", f, n)
+        return schema

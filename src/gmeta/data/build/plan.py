@@ -1,0 +1,67 @@
+"""The hand-over between the relational stage and the partition writers (any engine).
+
+A relational engine writes the encoded rows of every kept task (size within
+``[min_interactions, max_interactions]``) as Parquet under ``parts_dir/part=<p>/``, with
+``p = code % partitions``. Columns:
+
+    code     int64    the task key's rank in sorted string order (the reference's task order)
+    k        string   the task key's value (task ids are ``"<k>/<state>"``)
+    state    int32    index into ``STATES`` (new user + 2 * new item)
+    pos      int64    the row's position in its (key, state) task by (time, input row)
+    is_val   bool     the key's evaluation split: val (True) or test
+    label    float32  the binarised label
+    s<i>     int64    encoded id of sparse field i (0 = OOV)
+    m<i>_<j> int64    id j of multi-hot field i's list (-1 = padding)
+    d<i>     float32  dense field i
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gmeta.data.schema import Schema
+
+
+@dataclass(frozen=True)
+class PlanColumns:
+    """Names of the encoded feature columns, in model order."""
+
+    sparse: tuple[str, ...]
+    multi_hot: tuple[tuple[str, ...], ...]
+    dense: tuple[str, ...]
+
+
+def plan_columns(schema: Schema) -> PlanColumns:
+    width = schema.max_multi_hot_len
+    return PlanColumns(
+        sparse=tuple(f"s{i}" for i in range(len(schema.sparse))),
+        multi_hot=tuple(tuple(f"m{i}_{j}" for j in range(width)) for i in range(len(schema.multi_hot))),
+        dense=tuple(f"d{i}" for i in range(len(schema.dense))),
+    )
+
+
+@dataclass
+class PlanResult:
+    """What the relational stage produced (see the module docstring).
+
+    Attributes:
+        parts_dir: folder holding ``part=<p>/*.parquet``.
+        partitions: number of partitions (some may be empty).
+        schema: the schema with vocabulary sizes.
+        vocabs: raw value of ids 1..V-1 per non-hashed id field.
+        stats: interactions, task_keys, filtered, thresholds, positive_rate, vocab_sizes
+            (``counts`` and ``warm_eval_held_out`` come from the partition writers).
+        columns: the encoded column names.
+    """
+
+    parts_dir: Path
+    partitions: int
+    schema: Schema
+    vocabs: dict[str, list[str]]
+    stats: dict[str, Any]
+    columns: PlanColumns
+
+    def part_dir(self, p: int) -> Path:
+        return self.parts_dir / f"part={p}"

@@ -1,0 +1,203 @@
+"""The out-of-core (DuckDB) builder produces the same tasks as the pandas reference builder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from gmeta.data.build import BuildOptions, build_shards
+from gmeta.data.schema import SchemaError
+from gmeta.data.shards import iter_shard, prepare_shards, read_manifest, verify_shards, write_shards
+from gmeta.data.sources.synthetic import SyntheticSource
+from gmeta.data.sources.tabular import TabularSource
+from gmeta.data.tasks import TaskConfig, build_tasks
+
+SPLITS = ("train", "val", "test")
+
+
+def _tasks(root: Path) -> dict[tuple[str, str], object]:
+    m = read_manifest(root)
+    verify_shards(m)
+    return {(s, r.task_id): r for s in SPLITS for p in m.shard_paths(s) for r in iter_shard(p, m.schema)}
+
+
+def _assert_same_tasks(ref: Path, new: Path) -> None:
+    a, b = _tasks(ref), _tasks(new)
+    assert a.keys() == b.keys() and a
+    for k, ra in a.items():
+        rb = b[k]
+        assert ra.state == rb.state, k
+        for name, arr in ra.arrays.items():
+            assert arr.dtype == rb.arrays[name].dtype and np.array_equal(arr, rb.arrays[name]), (k, name)
+    ma, mb = read_manifest(ref).data, read_manifest(new).data
+    for key in ("counts", "filtered", "schema", "task_config", "seed"):
+        assert ma[key] == mb[key], key
+    assert json.loads((ref / "vocab.json").read_text()) == json.loads((new / "vocab.json").read_text())
+    for key in ("interactions", "task_keys", "warm_eval_held_out", "vocab_sizes"):
+        assert ma["stats"][key] == mb["stats"][key], key
+
+
+def _reference(source, cfg: TaskConfig, out: Path, seed: int = 0, tasks_per_shard: int = 32) -> Path:
+    df, schema = source.load()
+    write_shards(
+        build_tasks(df, schema, cfg, seed=seed), out, cfg, seed=seed, tasks_per_shard=tasks_per_shard
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(min_interactions=8, max_interactions=40, query_size=4),
+        dict(
+            min_interactions=8, max_interactions=40, query_size=4, query_selection="random", val_fraction=0.3
+        ),
+        dict(
+            min_interactions=8,
+            max_interactions=30,
+            query_size=4,
+            new_item_rule={"quantile": 0.7},
+            warm_eval=False,
+        ),
+    ],
+)
+def test_one_partition_is_byte_identical_to_the_reference(tmp_path, ml_synthetic_source, cfg):
+    cfg = TaskConfig(**cfg)
+    ref = _reference(ml_synthetic_source, cfg, tmp_path / "ref", seed=5)
+    build_shards(
+        ml_synthetic_source,
+        cfg,
+        tmp_path / "new",
+        seed=5,
+        tasks_per_shard=32,
+        options=BuildOptions(workers=1),
+    )
+    _assert_same_tasks(ref, tmp_path / "new")
+    digests = {s: [x["sha256"] for x in read_manifest(ref).shards(s)] for s in SPLITS}
+    assert digests == {s: [x["sha256"] for x in read_manifest(tmp_path / "new").shards(s)] for s in SPLITS}
+
+
+def test_many_partitions_and_a_process_pool_give_the_same_tasks(
+    tmp_path, ml_synthetic_source, small_task_config
+):
+    ref = _reference(ml_synthetic_source, small_task_config, tmp_path / "ref")
+    manifest = build_shards(
+        ml_synthetic_source,
+        small_task_config,
+        tmp_path / "new",
+        tasks_per_shard=32,
+        options=BuildOptions(rows_per_partition=700, workers=2),
+    )
+    assert manifest["build"]["partitions"] > 3
+    _assert_same_tasks(ref, tmp_path / "new")
+    assert not (tmp_path / "new" / "_build").exists()  # scratch removed
+
+
+def test_hashed_fields_and_no_cold_start(tmp_path):
+    source = SyntheticSource(schema="criteo", num_users=60, seed=1)
+    cfg = TaskConfig(label_threshold=None, new_user_quantile=None, new_item_rule=None, min_interactions=12)
+    ref = _reference(source, cfg, tmp_path / "ref")
+    build_shards(source, cfg, tmp_path / "new", tasks_per_shard=32, options=BuildOptions(workers=1))
+    _assert_same_tasks(ref, tmp_path / "new")
+
+
+SCHEMA = "task_key: user_id\nlabel: rating\ntime: timestamp\nsparse: [user_id, item_id, gender]\nmulti_hot: [{name: genre, max_len: 6, separator: ' '}]\ndense: [year_norm]\n"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet", "parquet_dir"])
+def test_tabular_files_scanned_out_of_core_equal_the_reference(tmp_path, ml_table, fmt):
+    df = ml_table[0][
+        ["user_id", "item_id", "gender", "genre", "year_norm", "rating", "timestamp", "release_year"]
+    ]
+    (tmp_path / "schema.yaml").write_text(SCHEMA + "ignore_columns: [release_year]\n")
+    if fmt == "csv":
+        path = tmp_path / "inter.csv"
+        df.to_csv(path, index=False)
+    elif fmt == "parquet":
+        path = tmp_path / "inter.parquet"
+        df.to_parquet(path)
+    else:  # three files: the input order runs across files in name order
+        path = tmp_path / "parts"
+        path.mkdir()
+        for i, part in enumerate(np.array_split(np.arange(len(df)), 3)):
+            df.iloc[part].to_parquet(path / f"part-{i}.parquet")
+    source = TabularSource(path, tmp_path / "schema.yaml")
+    cfg = TaskConfig(min_interactions=8, max_interactions=40, query_size=4, new_item_rule={"quantile": 0.8})
+    ref = _reference(source, cfg, tmp_path / "ref")
+    prepare_shards(
+        source, cfg, tmp_path / "new", tasks_per_shard=32, engine="duckdb", build_options={"workers": 1}
+    )
+    _assert_same_tasks(ref, tmp_path / "new")
+
+
+def _write(tmp_path: Path, df: pd.DataFrame) -> TabularSource:
+    df.to_csv(tmp_path / "inter.csv", index=False)
+    (tmp_path / "schema.yaml").write_text(
+        "task_key: uid\nlabel: y\ntime: ts\nsparse: [uid, item]\ndense: [price]\n"
+    )
+    return TabularSource(tmp_path / "inter.csv", tmp_path / "schema.yaml")
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        (
+            "price",
+            "cheap",
+            r"inter.csv: dense column 'price' must be numeric; row 2 \(task uid='b'\) has 'cheap'",
+        ),
+        ("y", None, r"inter.csv: label 'y' is NaN at row 2 \(task uid='b'\)"),
+        ("item", None, r"inter.csv: id column 'item' has a missing value \(NaN\) at row 2 \(task uid='b'\)"),
+        ("ts", "soon", r"inter.csv: time column 'ts' at row 2 \(task uid='b'\) is missing or not numeric"),
+    ],
+)
+def test_bad_rows_are_named_by_both_engines(tmp_path, column, value, message):
+    df = pd.DataFrame(
+        {
+            "uid": ["a", "a", "b"],
+            "y": [1, 0, 1],
+            "ts": [1, 2, 3],
+            "item": ["i", "j", "i"],
+            "price": [1.0, 2.0, 3.0],
+        }
+    )
+    df = df.astype({column: object})
+    df.loc[2, column] = value
+    source = _write(tmp_path, df)
+    for engine in ("duckdb", "pandas"):
+        with pytest.raises(SchemaError, match=message):
+            prepare_shards(source, TaskConfig(), tmp_path / f"out_{engine}", engine=engine)
+        assert not (tmp_path / f"out_{engine}").exists()  # nothing half-written
+
+
+def test_zero_tasks_after_filtering_is_an_error(tmp_path):
+    df = pd.DataFrame(
+        {
+            "uid": ["a", "a", "b"],
+            "y": [1, 0, 1],
+            "ts": [1, 2, 3],
+            "item": ["i", "j", "i"],
+            "price": [1.0, 2.0, 3.0],
+        }
+    )
+    with pytest.raises(SchemaError, match=r"no task left after filtering \(3 interactions"):
+        prepare_shards(_write(tmp_path, df), TaskConfig(new_item_rule=None), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.movielens
+def test_movielens_same_tasks_as_the_reference(tmp_path):
+    from gmeta.data.sources.movielens import MovieLensSource
+
+    root = Path(__file__).resolve().parents[2] / ".cache" / "movielens"
+    if not (root / "ml-1m").is_dir():
+        pytest.skip("MovieLens-1M cache missing (make data)")
+    source = MovieLensSource(root, fetch=False)
+    cfg = TaskConfig()
+    ref = _reference(source, cfg, tmp_path / "ref", tasks_per_shard=256)
+    build_shards(source, cfg, tmp_path / "new", tasks_per_shard=256, options=BuildOptions(workers=1))
+    _assert_same_tasks(ref, tmp_path / "new")
