@@ -201,3 +201,79 @@ def test_movielens_same_tasks_as_the_reference(tmp_path):
     ref = _reference(source, cfg, tmp_path / "ref", tasks_per_shard=256)
     build_shards(source, cfg, tmp_path / "new", tasks_per_shard=256, options=BuildOptions(workers=1))
     _assert_same_tasks(ref, tmp_path / "new")
+
+
+# -- time columns: any datetime unit or zone, or numbers, gives the tasks of numeric seconds -----
+def _time_variant(df: pd.DataFrame, kind: str) -> pd.DataFrame:
+    seconds = df["timestamp"].to_numpy()
+    if kind in ("s", "ms", "us", "ns"):
+        # the column holds the same instants at this resolution (+ a sub-second part that must be floored)
+        stamps = seconds.astype("datetime64[s]").astype(f"datetime64[{kind}]")
+        if kind != "s":
+            stamps = stamps + np.timedelta64(1, kind)
+        return df.assign(timestamp=pd.Series(stamps, index=df.index))
+    if kind == "tz":  # a zone-aware column: the same instants, written as New York wall-clock times
+        utc = pd.to_datetime(seconds, unit="s", utc=True).as_unit("ms")
+        return df.assign(timestamp=pd.Series(utc, index=df.index).dt.tz_convert("America/New_York"))
+    if kind == "float":
+        return df.assign(timestamp=seconds.astype(np.float64))
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["s", "ms", "us", "ns", "tz", "float"])
+def test_parquet_time_of_any_unit_or_zone_gives_the_tasks_of_numeric_seconds(tmp_path, ml_table, kind):
+    df = ml_table[0][["user_id", "item_id", "gender", "genre", "year_norm", "rating", "timestamp"]]
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    cfg = TaskConfig(min_interactions=8, max_interactions=40, query_size=4, new_item_rule={"quantile": 0.8})
+    df.to_parquet(tmp_path / "seconds.parquet")
+    ref = _reference(
+        TabularSource(tmp_path / "seconds.parquet", tmp_path / "schema.yaml"), cfg, tmp_path / "ref"
+    )
+    variant = _time_variant(df, kind)
+    variant.to_parquet(tmp_path / "inter.parquet")
+    stored = pd.read_parquet(tmp_path / "inter.parquet")["timestamp"].dtype
+    if kind in ("s", "ms", "us", "ns"):  # the unit really reaches the reader (Parquet has no [s]: [ms])
+        assert stored == np.dtype(f"datetime64[{'ms' if kind == 's' else kind}]")
+    source = TabularSource(tmp_path / "inter.parquet", tmp_path / "schema.yaml")
+    loaded, _ = source.load()
+    assert np.array_equal(loaded["timestamp"].to_numpy(), df["timestamp"].to_numpy())
+    for engine in ("pandas", "duckdb"):
+        prepare_shards(
+            source, cfg, tmp_path / engine, tasks_per_shard=32, engine=engine, build_options={"workers": 1}
+        )
+        _assert_same_tasks(ref, tmp_path / engine)
+
+
+def test_csv_iso_datetime_text_is_read_in_utc_by_both_engines(tmp_path, ml_table):
+    df = ml_table[0][["user_id", "item_id", "gender", "genre", "year_norm", "rating", "timestamp"]]
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    cfg = TaskConfig(min_interactions=8, max_interactions=40, query_size=4, new_item_rule={"quantile": 0.8})
+    df.to_csv(tmp_path / "seconds.csv", index=False)
+    ref = _reference(TabularSource(tmp_path / "seconds.csv", tmp_path / "schema.yaml"), cfg, tmp_path / "ref")
+    utc = pd.to_datetime(df["timestamp"], unit="s", utc=True)
+    text = utc.dt.tz_convert("Asia/Kolkata").map(lambda t: t.isoformat())  # e.g. 1970-01-05T03:30:00+05:30
+    text.iloc[::2] = utc.iloc[::2].dt.strftime("%Y-%m-%d %H:%M:%S")  # naive text means UTC
+    df.assign(timestamp=text).to_csv(tmp_path / "inter.csv", index=False)
+    source = TabularSource(tmp_path / "inter.csv", tmp_path / "schema.yaml")
+    for engine in ("pandas", "duckdb"):
+        prepare_shards(
+            source, cfg, tmp_path / engine, tasks_per_shard=32, engine=engine, build_options={"workers": 1}
+        )
+        _assert_same_tasks(ref, tmp_path / engine)
+
+
+def test_time_in_seconds_floors_every_unit_and_keeps_numbers():
+    from gmeta.data.sources.tabular import time_in_seconds
+
+    for unit in ("s", "ms", "us", "ns"):
+        t = pd.Series(
+            np.array(["1969-12-31T23:59:59.5", "2024-03-01T10:00:00"], "datetime64[ns]").astype(
+                f"datetime64[{unit}]"
+            )
+        )
+        assert time_in_seconds(t).tolist() == [-1, 1709287200], unit  # floored, not truncated
+    aware = pd.Series(pd.to_datetime(["2024-03-01T12:00:00+02:00"], utc=True)).dt.tz_convert("Europe/Berlin")
+    assert time_in_seconds(aware).tolist() == [1709287200]
+    assert time_in_seconds(pd.Series([1.5, 3.0])).tolist() == [1.5, 3.0]  # any numeric unit, unchanged
+    bad = time_in_seconds(pd.Series(["2024-03-01", "soon", None]))
+    assert bad.iloc[0] == 1709251200 and bad.iloc[1:].isna().all()

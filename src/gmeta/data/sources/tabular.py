@@ -83,6 +83,85 @@ def load_schema_file(path: str | Path) -> tuple[Schema, list[str]]:
     return schema, [str(c) for c in spec.get("ignore_columns") or []]
 
 
+#: what a time column may hold (said in the error about a bad time value)
+TIME_FORMATS = (
+    "expected numbers (any unit: seconds, milliseconds...) or datetimes "
+    "(Parquet timestamps of any unit, with or without a time zone, or ISO-8601 text such as "
+    "2024-03-01 10:00:00 or 2024-03-01T10:00:00+02:00)"
+)
+
+
+def _floor_seconds(values: np.ndarray) -> np.ndarray:
+    """Naive ``datetime64`` values of any unit -> int64 whole seconds since the epoch (floored)."""
+    return values.astype("datetime64[s]").astype(np.int64)  # numpy floors towards -inf
+
+
+def time_in_seconds(t: pd.Series) -> pd.Series:
+    """A time column as numbers; NaN where a value is missing or unreadable.
+
+    The build only orders rows by time and takes quantiles of first-interaction times, so any
+    numeric unit works and numbers are kept as they are. Datetimes become whole seconds since the
+    epoch in UTC (floored), whatever their unit (``datetime64[s|ms|us|ns]``: pandas 3 reads Parquet
+    timestamps as ``[ms]``/``[us]``) or time zone; text that is not a number must be ISO-8601
+    (naive values are taken as UTC). Text columns are numeric or datetime as their first present
+    value is; a value of the other kind is an error at its row. The DuckDB scan (``TabularSource.scan_duckdb``) implements
+    the same rules in SQL.
+    """
+    if isinstance(t.dtype, pd.DatetimeTZDtype):
+        t = t.dt.tz_convert("UTC").dt.tz_localize(None)
+    if pd.api.types.is_datetime64_dtype(t):
+        values = t.to_numpy()
+        missing = np.isnat(values)
+        seconds = _floor_seconds(values)
+        if missing.any():  # NaN marks the missing values for the caller's check
+            return pd.Series(np.where(missing, np.nan, seconds.astype(np.float64)), index=t.index)
+        return pd.Series(seconds, index=t.index)
+    numbers = pd.to_numeric(t, errors="coerce")
+    present = t.dropna()
+    if present.empty or not pd.isna(numbers[present.index[0]]):  # the first value decides: numbers
+        return numbers
+    return time_in_seconds(pd.to_datetime(t, utc=True, format="ISO8601", errors="coerce"))
+
+
+def _floor_div(x: str, d: int) -> str:
+    """SQL: integer ``x`` divided by ``d`` rounded towards -inf, exactly (DuckDB's ``%`` keeps x's sign)."""
+    return f"(({x}) - ((({x}) % {d}) + {d}) % {d}) // {d}"
+
+
+def _duckdb_time_in_seconds(con: Any, t: str, duck_type: str, row_column: str) -> str:
+    """SQL of ``time_in_seconds`` for column ``t`` (quoted) of DuckDB type ``duck_type`` in ``src_raw``.
+
+    Timestamps of any unit or zone -> whole seconds since the epoch in UTC, floored; integers stay
+    BIGINT (exact, as pandas keeps int64); other numbers DOUBLE; text (every CSV column) is
+    numeric if its first present value is a number (BIGINT if all are integers), otherwise ISO-8601
+    datetimes read in UTC (the session's TimeZone is set to UTC so naive text means UTC).
+    """
+    from gmeta.data.build.duckdb_plan import q  # the build imports sources: import late
+
+    kind = duck_type.upper()
+    if kind == "TIMESTAMP_NS":
+        return _floor_div(f"epoch_ns({t})", 10**9)
+    if kind.startswith("TIMESTAMP"):  # _S, _MS, plain (us), WITH TIME ZONE (us, an instant)
+        return _floor_div(f"epoch_us({t})", 10**6)
+    if kind == "DATE":
+        return _floor_div(f"epoch_us(CAST({t} AS TIMESTAMP))", 10**6)
+    if kind in ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "UTINYINT", "USMALLINT", "UINTEGER"):
+        return f"CAST({t} AS BIGINT)"
+    if kind != "VARCHAR":
+        return f"TRY_CAST({t} AS DOUBLE)"
+    first = con.execute(
+        f"SELECT TRY_CAST({t} AS DOUBLE) IS NOT NULL FROM src_raw WHERE {t} IS NOT NULL "
+        f"ORDER BY {q(row_column)} LIMIT 1"
+    ).fetchall()
+    if not first or first[0][0]:  # the first present value decides: numbers
+        not_integer = con.execute(  # TRY_CAST('1.5' AS BIGINT) would round: match integers as text
+            f"SELECT count(*) FROM src_raw WHERE {t} IS NOT NULL AND NOT regexp_full_match(trim({t}), '[+-]?[0-9]+')"
+        ).fetchall()[0][0]
+        return f"TRY_CAST({t} AS {'BIGINT' if not_integer == 0 else 'DOUBLE'})"
+    con.execute("SET TimeZone = 'UTC'")
+    return _floor_div(f"epoch_us(TRY_CAST({t} AS TIMESTAMPTZ))", 10**6)
+
+
 def _first_bad(mask: pd.Series) -> int:
     """Position (0-based data row) of the first True in a boolean mask."""
     return int(mask.to_numpy().nonzero()[0][0])
@@ -188,14 +267,12 @@ class TabularSource:
                 )
             df[col] = values.astype("float32")
         if schema.time is not None:
-            t = df[schema.time]
-            if pd.api.types.is_datetime64_any_dtype(t):
-                t = t.astype("int64") // 10**9
-            t = pd.to_numeric(t, errors="coerce")
+            t = time_in_seconds(df[schema.time])
             if t.isna().any():
                 r = _first_bad(t.isna())
                 raise SchemaError(
-                    f"{f}: time column {schema.time!r} at row {r} (task {task_of(r)}) is missing or not numeric/datetime"
+                    f"{f}: time column {schema.time!r} at row {r} (task {task_of(r)}) is missing or not "
+                    f"numeric/datetime (has {df[schema.time].iloc[r]!r}); {TIME_FORMATS}"
                 )
             df[schema.time] = t
         log.info("%s: %d rows, %d tasks", f, len(df), df[key].nunique())
@@ -299,15 +376,13 @@ class TabularSource:
             for c in [schema.label] + [x.name for x in schema.dense]
         ]
         if schema.time is not None:
-            t, kind = q(schema.time), types[schema.time].upper()
-            if kind.startswith("TIMESTAMP") or kind == "DATE":
-                seconds = f"CAST(floor(epoch_us(CAST({t} AS TIMESTAMPTZ)) / 1000000) AS BIGINT)"
-            else:  # numeric seconds (CSV columns arrive as text)
-                seconds = f"TRY_CAST({t} AS DOUBLE)"
-            hit = first(f"({seconds}) IS NULL OR isnan({seconds})")
+            t = q(schema.time)
+            seconds = _duckdb_time_in_seconds(con, t, types[schema.time], row_column)
+            hit = first(f"({seconds}) IS NULL OR isnan(CAST({seconds} AS DOUBLE))")
             if hit:
                 raise SchemaError(
-                    f"{f}: time column {schema.time!r} at row {hit[0]} (task {key}={hit[1]!r}) is missing or not numeric/datetime"
+                    f"{f}: time column {schema.time!r} at row {hit[0]} (task {key}={hit[1]!r}) is missing or not "
+                    f"numeric/datetime (has {value_at(schema.time, hit[0])!r}); {TIME_FORMATS}"
                 )
             select.append(f"{seconds} AS {t}")
         con.execute(f"CREATE VIEW src AS SELECT {', '.join(dict.fromkeys(select))} FROM src_raw")
