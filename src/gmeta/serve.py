@@ -89,8 +89,9 @@ class Encoding:
 
 def _task_config_fields(task_config: dict[str, Any] | None) -> tuple[float | None, str | None]:
     tc = task_config or {}
-    threshold = tc.get("label_threshold")
-    return (None if threshold is None else float(threshold)), tc.get("item_key")
+    from gmeta.data.tasks import resolved_label_threshold  # "auto" -> 0.5
+
+    return resolved_label_threshold(tc.get("label_threshold")), tc.get("item_key")
 
 
 def _find_run_data_dir(ckpt: Path) -> Path | None:

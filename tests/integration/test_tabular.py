@@ -33,6 +33,7 @@ def test_train_on_own_csv(tmp_path: Path) -> None:
         f"data.source.path={csv}",
         f"data.source.schema_path={schema}",
         f"data.data_dir={shards}",
+        "data.task_config.label_threshold=4.0",  # 1..5 ratings: the default 'auto' is for 0/1 labels
         "debug=fdr",
         f"hydra.run.dir={run_dir}",
         tmp=tmp_path,

@@ -37,7 +37,16 @@ def _assert_same_tasks(ref: Path, new: Path) -> None:
     for key in ("counts", "filtered", "schema", "task_config", "seed"):
         assert ma[key] == mb[key], key
     assert json.loads((ref / "vocab.json").read_text()) == json.loads((new / "vocab.json").read_text())
-    for key in ("interactions", "task_keys", "warm_eval_held_out", "vocab_sizes"):
+    for key in (
+        "interactions",
+        "task_keys",
+        "warm_eval_held_out",
+        "vocab_sizes",
+        "label_threshold",
+        "label_counts",
+        "duplicates",
+        "filter_rules",
+    ):
         assert ma["stats"][key] == mb["stats"][key], key
 
 
@@ -63,6 +72,14 @@ def _reference(source, cfg: TaskConfig, out: Path, seed: int = 0, tasks_per_shar
             new_item_rule={"quantile": 0.7},
             warm_eval=False,
         ),
+        dict(min_interactions=8, max_interactions=15, query_size=4, max_interactions_policy="window"),
+        dict(
+            min_interactions=6,
+            max_interactions=13,
+            query_size=3,
+            max_interactions_policy="window",
+            query_selection="random",
+        ),
     ],
 )
 def test_one_partition_is_byte_identical_to_the_reference(tmp_path, ml_synthetic_source, cfg):
@@ -81,13 +98,20 @@ def test_one_partition_is_byte_identical_to_the_reference(tmp_path, ml_synthetic
     assert digests == {s: [x["sha256"] for x in read_manifest(tmp_path / "new").shards(s)] for s in SPLITS}
 
 
+@pytest.mark.parametrize("policy", ["drop", "window"])
 def test_many_partitions_and_a_process_pool_give_the_same_tasks(
-    tmp_path, ml_synthetic_source, small_task_config
+    tmp_path, ml_synthetic_source, small_task_config, policy
 ):
-    ref = _reference(ml_synthetic_source, small_task_config, tmp_path / "ref")
+    cfg = TaskConfig(
+        **{**small_task_config.to_dict(), "max_interactions_policy": policy, "max_interactions": 20}
+    )
+    ref = _reference(ml_synthetic_source, cfg, tmp_path / "ref")
+    if policy == "window":
+        assert read_manifest(ref).data["filtered"]["window_remainder"]["tasks"] > 0
+        assert any("/w" in r for s in SPLITS for r in [x[1] for x in _tasks(ref) if x[0] == s])
     manifest = build_shards(
         ml_synthetic_source,
-        small_task_config,
+        cfg,
         tmp_path / "new",
         tasks_per_shard=32,
         options=BuildOptions(rows_per_partition=700, workers=2),
@@ -277,3 +301,106 @@ def test_time_in_seconds_floors_every_unit_and_keeps_numbers():
     assert time_in_seconds(pd.Series([1.5, 3.0])).tolist() == [1.5, 3.0]  # any numeric unit, unchanged
     bad = time_in_seconds(pd.Series(["2024-03-01", "soon", None]))
     assert bad.iloc[0] == 1709251200 and bad.iloc[1:].isna().all()
+
+
+# -- labels, duplicates and the build log (both engines) -----------------------------------------
+def _clicks(n_users: int = 12, per_user: int = 16, label=None) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    n = n_users * per_user
+    return pd.DataFrame(
+        {
+            "uid": np.repeat([f"u{i:02d}" for i in range(n_users)], per_user),
+            "y": rng.integers(0, 2, n) if label is None else label(n),
+            "ts": np.arange(n),
+            "item": [f"i{k}" for k in rng.integers(0, 20, n)],
+            "price": rng.random(n),
+        }
+    )
+
+
+CLICK_CFG = dict(
+    min_interactions=6, max_interactions=40, query_size=3, new_user_quantile=None, new_item_rule=None
+)
+
+
+def test_label_threshold_auto_is_half_for_0_1_labels_in_both_engines(tmp_path):
+    source = _write(tmp_path, _clicks())
+    for engine in ("pandas", "duckdb"):
+        prepare_shards(
+            source, TaskConfig(label_threshold="auto", **CLICK_CFG), tmp_path / engine, engine=engine
+        )
+    _assert_same_tasks(tmp_path / "pandas", tmp_path / "duckdb")
+    stats = read_manifest(tmp_path / "duckdb").data["stats"]
+    assert stats["label_threshold"] == 0.5
+    assert sum(c["positive"] + c["negative"] for c in stats["label_counts"].values()) > 0
+
+
+def test_label_threshold_auto_on_ratings_asks_for_a_threshold(tmp_path):
+    source = _write(tmp_path, _clicks(label=lambda n: (np.arange(n) % 5) + 1))
+    for engine in ("pandas", "duckdb"):
+        with pytest.raises(
+            SchemaError,
+            match=r"label 'y': 2.0 at row 1 \(task uid='u00'\) is not 0/1, so label_threshold 'auto' cannot apply; "
+            r"set data.task_config.label_threshold to a number",
+        ):
+            prepare_shards(
+                source, TaskConfig(label_threshold="auto", **CLICK_CFG), tmp_path / engine, engine=engine
+            )
+        assert not (tmp_path / engine).exists()
+
+
+def test_a_split_without_positives_names_the_threshold_and_the_counts(tmp_path):
+    source = _write(tmp_path, _clicks())  # 0/1 clicks under the MovieLens threshold 4.0: all negative
+    for engine in ("pandas", "duckdb"):
+        with pytest.raises(
+            SchemaError,
+            match=r"split 'train' has 0 positive and \d+ negative labels after label_threshold=4.0 on column 'y' "
+            r"\(positive/negative per split: train 0/\d+, val 0/\d+, test 0/\d+\)",
+        ):
+            prepare_shards(
+                source, TaskConfig(label_threshold=4.0, **CLICK_CFG), tmp_path / engine, engine=engine
+            )
+        assert not (tmp_path / engine).exists()
+
+
+def test_duplicated_rows_are_reported_by_both_engines(tmp_path, caplog):
+    df = _clicks()
+    df = pd.concat([df.iloc[:40], df.iloc[[7, 7, 30]], df.iloc[40:]], ignore_index=True)  # rows 40, 41, 42
+    source = _write(tmp_path, df)
+    for engine in ("pandas", "duckdb"):
+        with caplog.at_level("INFO"):
+            prepare_shards(
+                source, TaskConfig(label_threshold="auto", **CLICK_CFG), tmp_path / engine, engine=engine
+            )
+        dup = read_manifest(tmp_path / engine).data["stats"]["duplicates"]
+        assert dup == {"rows": 3, "example": {"row": 40, "same_as_row": 7, "task": "u00"}}, engine
+        assert "duplicated rows (kept): 3 = 1.54%" in caplog.text and "row 40 repeats row 7" in caplog.text
+        caplog.clear()
+    _assert_same_tasks(tmp_path / "pandas", tmp_path / "duckdb")
+
+
+def test_build_log_says_what_was_dropped_and_why_in_rows_and_percent(tmp_path, caplog):
+    sizes = [3, 5, 16, 16, 30, 45]  # too few (3, 5); 45 > max 40; with windows of 40: a remainder of 5
+    df = _clicks(n_users=1, per_user=sum(sizes))
+    df["uid"] = np.repeat([f"u{i}" for i in range(len(sizes))], sizes)
+    source = _write(tmp_path, df)
+    for policy in ("drop", "window"):
+        cfg = TaskConfig(label_threshold="auto", max_interactions_policy=policy, **CLICK_CFG)
+        for engine in ("pandas", "duckdb"):
+            with caplog.at_level("INFO"):
+                prepare_shards(source, cfg, tmp_path / policy / engine, engine=engine)
+            text = caplog.text
+            caplog.clear()
+            assert (
+                "dropped too_few_interactions: 2 tasks, 8 rows = 6.96% of 115 ((key, state) history shorter than "
+                "min_interactions=6)" in text
+            ), engine
+            if policy == "drop":
+                assert "dropped too_many_interactions: 1 tasks, 45 rows = 39.13% of 115" in text
+                assert "dropped in all: 53 rows = 46.09%; kept 62 rows in tasks" in text
+            else:
+                assert "dropped window_remainder: 1 tasks, 5 rows = 4.35% of 115" in text
+                assert "dropped in all: 13 rows = 11.30%; kept 102 rows in tasks" in text
+        _assert_same_tasks(tmp_path / policy / "pandas", tmp_path / policy / "duckdb")
+    ids = {r for _, r in _tasks(tmp_path / "window" / "duckdb")}
+    assert {"u5/warm/w1"} <= ids and not any(i.startswith("u5/warm/w0") for i in ids)

@@ -188,3 +188,69 @@ def test_task_config_validation():
         TaskConfig(min_interactions=5, query_size=5)
     with pytest.raises(ValueError, match="new_item_rule"):
         TaskConfig(new_item_rule={"column": "x"})
+
+
+def test_window_policy_cuts_long_histories_into_consecutive_windows(ml_table):
+    """Independent reference: each (user, state) history in time order, chunked back from its end."""
+    df, schema = ml_table
+    cfg = TaskConfig(min_interactions=8, max_interactions=15, query_size=4, max_interactions_policy="window")
+    sp = build_tasks(df, schema, cfg)
+    order = np.lexsort((np.arange(len(df)), df["timestamp"].to_numpy()))
+    by_task = {}
+    for s in SPLITS:
+        for tid, (sup, qry) in sp.rows[s].items():
+            by_task.setdefault(tid, set()).update(np.r_[sup, qry].tolist())
+    sizes = _reference_groups(df, cfg)
+    first = df.groupby("user_id")["timestamp"].min()
+    new_user = df["user_id"].map(first > first.quantile(cfg.new_user_quantile))
+    state = (new_user.astype(int) + 2 * (df["release_year"].astype(int) >= 1998).astype(int)).map(
+        dict(enumerate(STATES))
+    )
+    histories: dict[tuple[str, str], list[int]] = {}
+    users, states = df["user_id"].to_numpy(), state.to_numpy()
+    for r in order:  # time order, ties by input row
+        histories.setdefault((users[r], states[r]), []).append(int(r))
+    expected, remainder = {}, {"tasks": 0, "interactions": 0}
+    for (user, st), n in sizes.items():
+        if n < cfg.min_interactions:
+            continue
+        hist = histories[(user, st)]
+        if n <= cfg.max_interactions:
+            expected[f"{user}/{st}"] = set(hist)
+            continue
+        chunks = [hist[max(0, e - 15) : e] for e in range(n, 0, -15)][::-1]  # oldest first
+        for w, chunk in enumerate(chunks):
+            if len(chunk) < cfg.min_interactions:
+                remainder["tasks"] += 1
+                remainder["interactions"] += len(chunk)
+            else:
+                expected[f"{user}/{st}/w{w}"] = set(chunk)
+    assert any("/w" in t for t in expected) and remainder["tasks"] > 0
+    assert by_task == expected
+    assert sp.stats["filtered"]["window_remainder"] == remainder
+    assert sp.stats["filtered"]["too_many_interactions"] == {"tasks": 0, "interactions": 0}
+    for s in SPLITS:  # the support/query cut per window: the last query_size rows by time are the query
+        for rec in sp.split(s):
+            sup, qry = sp.rows[s][rec.task_id]
+            t = df["timestamp"].to_numpy()
+            assert len(qry) == 4 and t[sup].max() <= t[qry].min()
+    users = {s: {r.task_id.split("/", 1)[0] for r in sp.split(s)} for s in ("val", "test")}
+    assert not users["val"] & users["test"]  # all windows of a user on one side
+
+
+def test_window_bounds_and_task_ids():
+    from gmeta.data.tasks import task_id, window_bounds
+
+    assert window_bounds(35, 15) == [(0, 5), (5, 20), (20, 35)]
+    assert window_bounds(30, 15) == [(0, 15), (15, 30)]
+    assert task_id("u1", "warm") == "u1/warm" and task_id("u1", "warm", 2) == "u1/warm/w2"
+
+
+def test_task_config_rejects_bad_policy_and_threshold():
+    with pytest.raises(
+        ValueError, match=r"max_interactions_policy must be one of \('drop', 'window'\), got 'cut'"
+    ):
+        TaskConfig(max_interactions_policy="cut")
+    with pytest.raises(ValueError, match="label_threshold must be a number, 'auto'"):
+        TaskConfig(label_threshold="high")
+    assert TaskConfig(label_threshold="auto").label_threshold == "auto"

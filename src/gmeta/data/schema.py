@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from gmeta.errors import UserError
+
 FieldKind = Literal["sparse", "multi_hot", "dense"]
 FIELD_KINDS: tuple[str, ...] = ("sparse", "multi_hot", "dense")
 
@@ -27,8 +29,8 @@ MULTI_HOT_PAD = -1
 OOV_ID = 0
 
 
-class SchemaError(ValueError):
-    """Raised when data does not match the schema it claims to follow."""
+class SchemaError(UserError, ValueError):
+    """Raised when data does not match the schema it claims to follow (a user error: exit status 2)."""
 
 
 @dataclass(frozen=True)

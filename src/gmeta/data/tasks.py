@@ -8,6 +8,26 @@ A task is one value of the task key (a user by default) in one cold-start state 
 * a user's interactions are partitioned into warm / user_cold / item_cold / user_item_cold, one task
   per (user, state) whose interaction count lies in [min_interactions, max_interactions].
 
+Long histories (more than ``max_interactions``) follow ``max_interactions_policy``:
+
+* ``drop`` (the MeLU protocol): the whole (user, state) history is dropped;
+* ``window``: the history, in time order, is cut into consecutive windows of ``max_interactions``
+  interactions counted back from the latest one, so every window is full except the oldest (the
+  remainder, 1..max_interactions long). Each window is one task with the history's cold-start state
+  (states are the key's and the interaction's, never the window's), its own support/query cut and
+  warm-evaluation hold-out exactly as a whole task; a remainder shorter than ``min_interactions`` is
+  dropped (reason ``window_remainder``). Task ids: ``<key>/<state>`` for a whole history,
+  ``<key>/<state>/w<i>`` for window ``i`` (0 = the oldest, the remainder) of a long one; windows of
+  one key all go to the same evaluation split. See ``window_bounds`` / ``task_id``.
+
+Labels: ``label = raw >= label_threshold``; ``auto`` means 0.5 and requires 0/1 labels (any other
+value is an error asking for a threshold); ``None`` keeps raw 0/1 labels. A split whose tasks hold
+no positive or no negative label is an error naming the threshold and the counts.
+
+Every dropped row is counted by reason (``FILTER_REASONS``) and reported with its share of the
+input in the build log (``format_stats``); exact duplicate rows are counted and reported, not
+dropped.
+
 Splits: train holds warm tasks only. A warm task with n interactions (time-ordered) and
 ``n - query_size >= min_interactions`` also yields a *warm evaluation* task: its last
 ``query_size`` interactions are the query, the preceding ones the support, and only those preceding
@@ -35,7 +55,13 @@ from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, STATES, FieldSpec, Schema, 
 log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-FILTER_REASONS: tuple[str, ...] = ("too_few_interactions", "too_many_interactions")
+#: why rows are dropped: a (key, state) history shorter than min_interactions; a longer one than
+#: max_interactions under the ``drop`` policy; the oldest window of a long history under ``window``
+#: when it is shorter than min_interactions
+FILTER_REASONS: tuple[str, ...] = ("too_few_interactions", "too_many_interactions", "window_remainder")
+MAX_INTERACTIONS_POLICIES: tuple[str, ...] = ("drop", "window")
+#: ``label_threshold: auto`` is this threshold, for 0/1 labels only
+AUTO_LABEL_THRESHOLD = 0.5
 
 
 def stable_hash(text: str) -> int:
@@ -43,13 +69,81 @@ def stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+def resolved_label_threshold(value: float | str | None) -> float | None:
+    """The numeric threshold of a config value: ``"auto"`` is 0.5 (a build with ``auto`` succeeds only
+    on 0/1 labels, so any shard set built with it used 0.5)."""
+    return AUTO_LABEL_THRESHOLD if value == "auto" else (None if value is None else float(value))
+
+
+def auto_threshold_error(label: str, value: float, where: str) -> SchemaError:
+    """``label_threshold: auto`` met a label that is not 0/1 (both engines raise this)."""
+    return SchemaError(
+        f"label {label!r}: {value} at {where} is not 0/1, so label_threshold 'auto' cannot apply; set "
+        "data.task_config.label_threshold to a number (label = raw label >= threshold, e.g. 4.0 for "
+        "1..5 ratings)"
+    )
+
+
+def check_label_balance(label_counts: dict[str, dict[str, int]], threshold: float | None, label: str) -> None:
+    """Every split with tasks must hold both classes (``label_counts[split] = {positive, negative}``)."""
+    for split in SPLITS:
+        pos, neg = label_counts[split]["positive"], label_counts[split]["negative"]
+        if pos + neg and not (pos and neg):
+            rule = (
+                "raw 0/1 labels (label_threshold null)"
+                if threshold is None
+                else f"label_threshold={threshold}"
+            )
+            summary = ", ".join(
+                f"{s} {label_counts[s]['positive']}/{label_counts[s]['negative']}" for s in SPLITS
+            )
+            raise SchemaError(
+                f"split {split!r} has {pos} positive and {neg} negative labels after {rule} on column "
+                f"{label!r} (positive/negative per split: {summary}): nothing to learn or evaluate. "
+                "Check the label column and data.task_config.label_threshold "
+                "(label = raw label >= threshold; 'auto' for 0/1 labels)"
+            )
+
+
+def window_bounds(n: int, max_interactions: int) -> list[tuple[int, int]]:
+    """(start, end) positions of the windows of a time-ordered history of ``n > max_interactions``
+    interactions: windows of ``max_interactions`` counted back from the latest interaction, so only
+    the oldest (window 0) may be shorter. Same as the SQL of the relational engines."""
+    m = max_interactions
+    count = -(-n // m)
+    offset = count * m - n  # the oldest window lacks this many interactions
+    return [(max(0, w * m - offset), (w + 1) * m - offset) for w in range(count)]
+
+
+def task_id(value: str, state: str, window: int = -1) -> str:
+    """``<key>/<state>`` for a whole history (``window`` -1), ``<key>/<state>/w<window>`` for a window."""
+    return f"{value}/{state}" if window < 0 else f"{value}/{state}/w{window}"
+
+
+def filter_rules(cfg: TaskConfig) -> dict[str, str]:
+    """Each drop reason in words, with the config values (printed in the build log)."""
+    return {
+        "too_few_interactions": f"(key, state) history shorter than min_interactions={cfg.min_interactions}",
+        "too_many_interactions": (
+            f"history longer than max_interactions={cfg.max_interactions} (max_interactions_policy=drop)"
+        ),
+        "window_remainder": (
+            f"oldest window of a history longer than max_interactions={cfg.max_interactions}, shorter than "
+            f"min_interactions={cfg.min_interactions} (max_interactions_policy=window)"
+        ),
+    }
+
+
 @dataclass
 class TaskConfig:
     """How interactions become tasks (see the module docstring).
 
     Attributes:
-        label_threshold: label = (raw label >= threshold); None keeps raw labels, which must be 0/1.
+        label_threshold: label = (raw label >= threshold); ``"auto"``: 0.5, for 0/1 labels only (other
+            labels are an error asking for a threshold); None keeps raw labels, which must be 0/1.
         min_interactions / max_interactions: keep a (user, state) task only within this range.
+        max_interactions_policy: a longer history is dropped (``drop``) or cut into windows of
+            ``max_interactions`` (``window``; see the module docstring).
         query_size: query samples per task; the rest is the support set.
         query_selection: ``last`` (the latest ``query_size`` by time) or ``random`` (seeded).
         task_key: column grouping tasks; None uses the schema's task key.
@@ -61,9 +155,10 @@ class TaskConfig:
         val_fraction: share of evaluation task keys that go to val (the rest to test).
     """
 
-    label_threshold: float | None = 4.0
+    label_threshold: float | str | None = 4.0
     min_interactions: int = 13
     max_interactions: int = 100
+    max_interactions_policy: Literal["drop", "window"] = "drop"
     query_size: int = 10
     query_selection: Literal["last", "random"] = "last"
     task_key: str | None = None
@@ -96,7 +191,23 @@ class TaskConfig:
                 "so that every task keeps a non-empty support set"
             )
         if self.max_interactions < self.min_interactions:
-            raise SchemaError("TaskConfig.max_interactions must be >= min_interactions")
+            raise SchemaError(
+                f"TaskConfig.max_interactions ({self.max_interactions}) must be >= min_interactions "
+                f"({self.min_interactions})"
+            )
+        if self.max_interactions_policy not in MAX_INTERACTIONS_POLICIES:
+            raise SchemaError(
+                f"TaskConfig.max_interactions_policy must be one of {MAX_INTERACTIONS_POLICIES}, "
+                f"got {self.max_interactions_policy!r}"
+            )
+        t = self.label_threshold
+        if isinstance(t, str) and t != "auto":
+            raise SchemaError(
+                f"TaskConfig.label_threshold must be a number, 'auto' (0/1 labels) or null (raw 0/1 labels), "
+                f"got {t!r}"
+            )
+        if t is not None and not isinstance(t, str):
+            self.label_threshold = float(t)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -242,20 +353,39 @@ def _encode(
 
 
 # -- task construction -------------------------------------------------------------------------
-def _labels(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, key: str) -> np.ndarray:
+def _labels(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, key: str) -> tuple[np.ndarray, float | None]:
+    """(0/1 labels, the threshold used: None for raw 0/1 labels)."""
     raw = pd.to_numeric(df[schema.label], errors="coerce").to_numpy(dtype=np.float64)
     if np.isnan(raw).any():
         r = int(np.isnan(raw).nonzero()[0][0])
         raise SchemaError(f"label {schema.label!r}: NaN or non-numeric value at {_where(df, key, r)}")
-    if cfg.label_threshold is not None:
-        return (raw >= cfg.label_threshold).astype(np.float32)
     bad = ~np.isin(raw, (0.0, 1.0))
+    if cfg.label_threshold == "auto" and bad.any():
+        r = int(bad.nonzero()[0][0])
+        raise auto_threshold_error(schema.label, raw[r], _where(df, key, r))
+    threshold = resolved_label_threshold(cfg.label_threshold)
+    if threshold is not None:
+        return (raw >= threshold).astype(np.float32), threshold
     if bad.any():
         r = int(bad.nonzero()[0][0])
         raise SchemaError(
             f"label {schema.label!r}: {raw[r]} at {_where(df, key, r)} is not 0/1 and label_threshold is None"
         )
-    return raw.astype(np.float32)
+    return raw.astype(np.float32), None
+
+
+def _duplicates(df: pd.DataFrame, columns: list[str], key: str) -> dict[str, Any]:
+    """Rows equal to an earlier row in every column the build reads: count and the first example."""
+    group = df.groupby(columns, dropna=False, sort=False).ngroup().to_numpy()
+    repeat = pd.Series(group).duplicated().to_numpy()
+    if not repeat.any():
+        return {"rows": 0, "example": None}
+    r = int(repeat.nonzero()[0][0])
+    first = int((group == group[r]).nonzero()[0][0])
+    return {
+        "rows": int(repeat.sum()),
+        "example": {"row": r, "same_as_row": first, "task": str(df[key].iloc[r])},
+    }
 
 
 def _split_query(rows: np.ndarray, cfg: TaskConfig, seed: int, task_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +418,8 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
     if schema.time and pd.isna(time).any():
         r = int(pd.isna(time).nonzero()[0][0])
         raise SchemaError(f"time column {schema.time!r}: missing value at {_where(df, key, r)}")
-    labels = _labels(df, schema, cfg, key)
+    labels, threshold = _labels(df, schema, cfg, key)
+    duplicates = _duplicates(df, needed, key)
     new_user, user_threshold = _new_users(keys, time, cfg.new_user_quantile)
     new_item, item_threshold = _new_items(df, cfg, time, key)
     state = new_user.astype(np.int64) + 2 * new_item.astype(np.int64)  # == index into STATES
@@ -304,26 +435,46 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
     plan: dict[str, list[tuple[str, str, np.ndarray, np.ndarray]]] = {s: [] for s in SPLITS}
     filtered = {r: {"tasks": 0, "interactions": 0} for r in FILTER_REASONS}
     held_out = 0
+
+    def drop(reason: str, size: int) -> None:
+        filtered[reason]["tasks"] += 1
+        filtered[reason]["interactions"] += int(size)
+
     for s, e in zip(starts, ends, strict=True):
-        rows = order[s:e]
+        history = order[s:e]
         size = e - s
-        if size < cfg.min_interactions or size > cfg.max_interactions:
-            reason = FILTER_REASONS[0] if size < cfg.min_interactions else FILTER_REASONS[1]
-            filtered[reason]["tasks"] += 1
-            filtered[reason]["interactions"] += int(size)
+        if size < cfg.min_interactions:
+            drop("too_few_interactions", size)
             continue
-        value = str(key_values[key_codes[rows[0]]])
-        st = STATES[state[rows[0]]]
-        task_id = f"{value}/{st}"
+        pieces = [(-1, history)]  # (window index, rows): the whole history is one task
+        if size > cfg.max_interactions:
+            if cfg.max_interactions_policy == "drop":
+                drop("too_many_interactions", size)
+                continue
+            pieces = [(w, history[a:b]) for w, (a, b) in enumerate(window_bounds(size, cfg.max_interactions))]
+        value = str(key_values[key_codes[history[0]]])
+        st = STATES[state[history[0]]]
         eval_split = "val" if stable_hash(f"{cfg.split_seed}:{value}") / 2**64 < cfg.val_fraction else "test"
-        if st == "warm":
-            if cfg.warm_eval and size - q >= cfg.min_interactions:
-                plan[eval_split].append((task_id, st, rows[:-q], rows[-q:]))
-                rows = rows[:-q]
-                held_out += 1
-            plan["train"].append((task_id, st, *_split_query(rows, cfg, seed, task_id)))
-        else:
-            plan[eval_split].append((task_id, st, *_split_query(rows, cfg, seed, task_id)))
+        for window, rows in pieces:
+            if len(rows) < cfg.min_interactions:  # only the oldest window can be this short
+                drop("window_remainder", len(rows))
+                continue
+            tid = task_id(value, st, window)
+            if st == "warm":
+                if cfg.warm_eval and len(rows) - q >= cfg.min_interactions:
+                    plan[eval_split].append((tid, st, rows[:-q], rows[-q:]))
+                    rows = rows[:-q]
+                    held_out += 1
+                plan["train"].append((tid, st, *_split_query(rows, cfg, seed, tid)))
+            else:
+                plan[eval_split].append((tid, st, *_split_query(rows, cfg, seed, tid)))
+
+    label_counts = {}
+    for split in SPLITS:
+        idx = np.concatenate([np.r_[a, b] for _, _, a, b in plan[split]] or [np.zeros(0, np.int64)])
+        positive = int(labels[idx].sum())
+        label_counts[split] = {"positive": positive, "negative": len(idx) - positive}
+    check_label_balance(label_counts, threshold, schema.label)
 
     train_rows = np.unique(
         np.concatenate([np.r_[a, b] for _, _, a, b in plan["train"]] or [np.zeros(0, np.int64)])
@@ -360,6 +511,10 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
         "new_item_threshold": item_threshold,
         "positive_rate": float(labels.mean()) if n else 0.0,
         "vocab_sizes": {f.name: f.vocab_size for f in enc_schema.id_fields},
+        "label_threshold": threshold,
+        "label_counts": label_counts,
+        "duplicates": duplicates,
+        "filter_rules": filter_rules(cfg),
     }
     log.info("tasks built:\n%s", format_stats(stats))
     return TaskSplits(
@@ -382,7 +537,28 @@ def format_stats(stats: dict[str, Any]) -> str:
                 lines.append(
                     f"{s:<6} {st:<15} {c['tasks']:>7} {c['support']:>9} {c['query']:>8} {c['interactions']:>13}"
                 )
+    total = stats["interactions"]
+
+    def share(rows: int) -> str:
+        return f"{100.0 * rows / total:.2f}%" if total else "0%"
+
+    rules = stats.get("filter_rules", {})
+    dropped = 0
     for reason, c in stats["filtered"].items():
-        lines.append(f"filtered {reason}: {c['tasks']} tasks, {c['interactions']} interactions")
+        dropped += c["interactions"]
+        why = f" ({rules[reason]})" if reason in rules else ""
+        lines.append(
+            f"dropped {reason}: {c['tasks']} tasks, {c['interactions']} rows = {share(c['interactions'])} "
+            f"of {total}{why}"
+        )
+    lines.append(f"dropped in all: {dropped} rows = {share(dropped)}; kept {total - dropped} rows in tasks")
     lines.append(f"warm tasks with a held-out warm-eval task: {stats['warm_eval_held_out']}")
+    dup = stats.get("duplicates")
+    if dup and dup["rows"]:
+        ex = dup["example"]
+        lines.append(
+            f"duplicated rows (kept): {dup['rows']} = {share(dup['rows'])}, rows equal to an earlier row in every "
+            f"column the build reads; e.g. row {ex['row']} repeats row {ex['same_as_row']} (task {ex['task']!r}). "
+            "Deduplicate the input if these are not real repeated interactions"
+        )
     return "\n".join(lines)

@@ -30,7 +30,15 @@ import pyarrow as pa
 
 from gmeta.data.build.plan import PlanResult, plan_columns
 from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, FieldSpec, Schema, SchemaError
-from gmeta.data.tasks import FILTER_REASONS, TaskConfig, stable_hash
+from gmeta.data.tasks import (
+    SPLITS,
+    TaskConfig,
+    auto_threshold_error,
+    check_label_balance,
+    filter_rules,
+    resolved_label_threshold,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +106,37 @@ class DuckDBPlanner:
         r = self._first_row(f"{label} IS NULL OR isnan({label})")
         if r is not None:
             raise SchemaError(f"label {s.label!r}: NaN or non-numeric value at {self._where(r)}")
-        if self.cfg.label_threshold is None:
+        if self.cfg.label_threshold is None or self.cfg.label_threshold == "auto":
             r = self._first_row(f"{label} NOT IN (0.0, 1.0)")
             if r is not None:
                 value = self._one(f"SELECT {label} FROM src WHERE {ROW} = {r}")[0]
+                if self.cfg.label_threshold == "auto":
+                    raise auto_threshold_error(s.label, value, self._where(r))
                 raise SchemaError(
                     f"label {s.label!r}: {value} at {self._where(r)} is not 0/1 and label_threshold is None"
                 )
+
+    def duplicates(self) -> dict[str, Any]:
+        """The reference's duplicate report: rows equal to an earlier row in every column the build reads.
+
+        A hash per row finds the candidates in one cheap aggregate; rows sharing a hash are then
+        compared column by column (a hash collision is never counted as a duplicate).
+        """
+        cols = ", ".join(q(c) for c in dict.fromkeys([self.key, *self.schema.required_columns()]))
+        self.con.execute(
+            f"CREATE TEMP TABLE dup_candidates AS SELECT * FROM src WHERE hash({cols}) IN "
+            f"(SELECT h FROM (SELECT hash({cols}) AS h FROM src) GROUP BY h HAVING count(*) > 1)"
+        )
+        # NULLs compare equal in PARTITION BY, as in the reference's groupby(dropna=False)
+        rows, r, first = self._one(
+            f"SELECT count(*), min({ROW}), arg_min(first, {ROW}) FROM (SELECT {ROW}, "
+            f"min({ROW}) OVER (PARTITION BY {cols}) AS first FROM dup_candidates) WHERE {ROW} > first"
+        )
+        self.con.execute("DROP TABLE dup_candidates")
+        if not rows:
+            return {"rows": 0, "example": None}
+        task = self._one(f"SELECT CAST({q(self.key)} AS VARCHAR) FROM src WHERE {ROW} = {r}")[0]
+        return {"rows": int(rows), "example": {"row": int(r), "same_as_row": int(first), "task": task}}
 
     def _check_fields(self) -> None:
         """The reference's encoding checks, over every row (filtered tasks included)."""
@@ -269,11 +301,11 @@ class DuckDBPlanner:
         n_rows = int(self._one("SELECT count(*) FROM src")[0])
         user_threshold, n_keys = self._keys()
         item_join, new_item, item_threshold = self._new_item()
+        duplicates = self.duplicates()
         label = f"CAST({q(s.label)} AS DOUBLE)"
+        threshold = resolved_label_threshold(cfg.label_threshold)
         label_value = (
-            f"CAST({label} >= {float(cfg.label_threshold)!r} AS FLOAT)"
-            if cfg.label_threshold is not None
-            else f"CAST({label} AS FLOAT)"
+            f"CAST({label} >= {threshold!r} AS FLOAT)" if threshold is not None else f"CAST({label} AS FLOAT)"
         )
         select = [
             f"src.{ROW} AS {ROW}",
@@ -290,26 +322,52 @@ class DuckDBPlanner:
             for i, f in enumerate(s.multi_hot)
         ]
         select += [f"CAST(src.{q(f.name)} AS FLOAT) AS {q(f'd{i}')}" for i, f in enumerate(s.dense)]
-        # one window pass: each row's position in its (key, state) task by (time, input row) + task size
+        lo, hi, qs = cfg.min_interactions, cfg.max_interactions, cfg.query_size
+        # one window pass: each row's position in its (key, state) history by (time, input row)
+        # (pos_all) and the history's size (n_all); then its task: the whole history (win = -1), or
+        # under max_interactions_policy=window, for a history longer than hi, window win of hi rows
+        # counted back from the latest (tasks.window_bounds: the oldest window, 0, holds the
+        # remainder). pos / n: the row's position in its task and the task's size.
+        windowed = f"({str(cfg.max_interactions_policy == 'window').lower()} AND n_all > {hi})"
+        offset = f"((n_all + {hi} - 1) // {hi}) * {hi} - n_all"  # rows the oldest window lacks
         self.con.execute(
-            "CREATE TEMP TABLE rows AS SELECT *, "
-            f"row_number() OVER (PARTITION BY code, state ORDER BY t, {ROW}) - 1 AS pos, "
-            "count(*) OVER (PARTITION BY code, state) AS n "
+            "CREATE TEMP TABLE rows AS SELECT * EXCLUDE (w_start, w_end), pos_all - w_start AS pos, "
+            "w_end - w_start AS n FROM (SELECT *, "
+            f"CASE WHEN win >= 0 THEN greatest(0, win * {hi} - ({offset})) ELSE 0 END AS w_start, "
+            f"CASE WHEN win >= 0 THEN (win + 1) * {hi} - ({offset}) ELSE n_all END AS w_end "
+            f"FROM (SELECT *, CASE WHEN {windowed} THEN (pos_all + {offset}) // {hi} ELSE -1 END AS win "
+            "FROM (SELECT *, "
+            f"row_number() OVER (PARTITION BY code, state ORDER BY t, {ROW}) - 1 AS pos_all, "
+            "count(*) OVER (PARTITION BY code, state) AS n_all "
             f"FROM (SELECT {', '.join(select)} FROM src JOIN keys ON keys.k = CAST(src.{q(key)} AS VARCHAR) "
-            f"{item_join})"
+            f"{item_join}))))"
         )
         self._check_fields()
-        lo, hi, qs = cfg.min_interactions, cfg.max_interactions, cfg.query_size
         kept = f"n BETWEEN {lo} AND {hi}"
         held = f"(state = 0 AND {str(cfg.warm_eval).lower()} AND n - {qs} >= {lo} AND pos >= n - {qs})"
         train = f"state = 0 AND {kept} AND NOT {held}"
 
+        reasons = {  # tasks.FILTER_REASONS
+            "too_few_interactions": f"n_all < {lo}",
+            "too_many_interactions": f"n_all > {hi} AND win < 0",
+            "window_remainder": f"win >= 0 AND n < {lo}",
+        }
         filtered = {}
-        for reason, cond in zip(FILTER_REASONS, (f"n < {lo}", f"n > {hi}"), strict=True):
+        for reason, cond in reasons.items():
             tasks, rows = self._one(
                 f"SELECT count(*) FILTER (WHERE pos = 0), count(*) FROM rows WHERE {cond}"
             )
             filtered[reason] = {"tasks": int(tasks), "interactions": int(rows)}
+
+        # labels per split: train rows, and the whole task of every evaluation task (val / test)
+        evaluated = f"{kept} AND (state <> 0 OR ({str(cfg.warm_eval).lower()} AND n - {qs} >= {lo}))"
+        where = {"train": train, "val": f"{evaluated} AND is_val", "test": f"{evaluated} AND NOT is_val"}
+        label_counts = {}
+        for split in SPLITS:
+            rows, positive = self._one(f"SELECT count(*), sum(label) FROM rows WHERE {where[split]}")
+            positive = int(positive or 0)
+            label_counts[split] = {"positive": positive, "negative": int(rows) - positive}
+        check_label_balance(label_counts, threshold, s.label)
 
         sizes: dict[str, int] = {}
         vocabs: dict[str, list[str]] = {}
@@ -327,7 +385,7 @@ class DuckDBPlanner:
         parts = max(1, int(partitions))
         out_dir.mkdir(parents=True, exist_ok=True)
         self.con.execute(
-            f"COPY (SELECT rows.code % {parts} AS part, rows.code, rows.k, rows.state, rows.pos, rows.is_val, "
+            f"COPY (SELECT rows.code % {parts} AS part, rows.code, rows.k, rows.state, rows.win, rows.pos, rows.is_val, "
             f"rows.label, {', '.join(encoded)} FROM rows {' '.join(joins)} WHERE {kept}) "
             f"TO {lit(str(out_dir))} (FORMAT parquet, PARTITION_BY (part), OVERWRITE_OR_IGNORE)"
         )
@@ -340,6 +398,10 @@ class DuckDBPlanner:
             "new_item_threshold": item_threshold,
             "positive_rate": float(positives) / n_rows if n_rows else 0.0,
             "vocab_sizes": {f.name: sizes[f.name] for f in s.id_fields},
+            "label_threshold": threshold,
+            "label_counts": label_counts,
+            "duplicates": duplicates,
+            "filter_rules": filter_rules(cfg),
         }
         return PlanResult(
             parts_dir=out_dir,

@@ -1,7 +1,7 @@
 """Stage 2 of the out-of-core build: one partition of encoded rows -> TaskRecords -> tar shards.
 
 Each partition holds whole task keys (``code % partitions``), so its tasks are complete. The rows
-are sorted by (code, state, pos), cut into tasks, and turned into records exactly as
+are sorted by (code, state, win, pos), cut into tasks, and turned into records exactly as
 ``gmeta.data.tasks.build_tasks`` does (the same warm-evaluation hold-out and the same
 ``_split_query``); train tasks are shuffled within the partition and every split is written in
 shards of ``tasks_per_shard`` tasks. A worker holds one partition at a time.
@@ -25,7 +25,7 @@ from gmeta.data.build.plan import PlanColumns
 from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import STATES
 from gmeta.data.shards import write_tar
-from gmeta.data.tasks import SPLITS, TaskConfig, _split_query
+from gmeta.data.tasks import SPLITS, TaskConfig, _split_query, task_id
 
 #: a task before its arrays are gathered: (task id, state, support rows, query rows)
 Planned = tuple[str, str, np.ndarray, np.ndarray]
@@ -46,7 +46,7 @@ class PartitionJob:
 
 
 def _load(job: PartitionJob) -> tuple[dict[str, np.ndarray], pa.ChunkedArray] | None:
-    """The partition's columns sorted by (code, state, pos), or None for an empty partition."""
+    """The partition's columns sorted by (code, state, win, pos), or None for an empty partition."""
     files = sorted(job.part_dir.glob("*.parquet")) if job.part_dir.is_dir() else []
     if not files:
         return None
@@ -58,7 +58,9 @@ def _load(job: PartitionJob) -> tuple[dict[str, np.ndarray], pa.ChunkedArray] | 
         return table.column(name).to_numpy().astype(dtype, copy=False)
 
     code, state, pos = col("code", np.int64), col("state", np.int64), col("pos", np.int64)
-    order = np.lexsort((pos, state, code))
+    # window of a long history (max_interactions_policy=window), -1 for a whole history
+    win = col("win", np.int64) if "win" in table.column_names else np.full(len(code), -1, np.int64)
+    order = np.lexsort((pos, win, state, code))
     c = job.columns
     n = len(order)
 
@@ -73,6 +75,7 @@ def _load(job: PartitionJob) -> tuple[dict[str, np.ndarray], pa.ChunkedArray] | 
     arrays = {
         "code": code[order],
         "state": state[order],
+        "win": win[order],
         "is_val": col("is_val", bool)[order],
         "sparse": stack(c.sparse, np.int64),
         "multi_hot": multi if multi is not None else np.zeros((n, 0, width), np.int64),
@@ -84,10 +87,10 @@ def _load(job: PartitionJob) -> tuple[dict[str, np.ndarray], pa.ChunkedArray] | 
 
 def _plan(arrays: dict[str, np.ndarray], keys: pa.ChunkedArray, cfg: TaskConfig, seed: int):
     """Tasks per split in the reference's order, plus the number of held-out warm tasks."""
-    code, state = arrays["code"], arrays["state"]
-    group = code * len(STATES) + state
-    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
-    ends = np.r_[starts[1:], len(group)]
+    code, state, win = arrays["code"], arrays["state"], arrays["win"]
+    new_task = (code[1:] != code[:-1]) | (state[1:] != state[:-1]) | (win[1:] != win[:-1])
+    starts = np.flatnonzero(np.r_[True, new_task])
+    ends = np.r_[starts[1:], len(code)]
     values = keys.take(pa.array(starts)).to_pylist()
     q = cfg.query_size
     plan: dict[str, list[Planned]] = {s: [] for s in SPLITS}
@@ -95,16 +98,16 @@ def _plan(arrays: dict[str, np.ndarray], keys: pa.ChunkedArray, cfg: TaskConfig,
     for s, e, value in zip(starts.tolist(), ends.tolist(), values, strict=True):
         rows = np.arange(s, e)
         st = STATES[state[s]]
-        task_id = f"{value}/{st}"
+        tid = task_id(value, st, int(win[s]))
         eval_split = "val" if arrays["is_val"][s] else "test"
         if st == "warm":
             if cfg.warm_eval and e - s - q >= cfg.min_interactions:
-                plan[eval_split].append((task_id, st, rows[:-q], rows[-q:]))
+                plan[eval_split].append((tid, st, rows[:-q], rows[-q:]))
                 rows = rows[:-q]
                 held_out += 1
-            plan["train"].append((task_id, st, *_split_query(rows, cfg, seed, task_id)))
+            plan["train"].append((tid, st, *_split_query(rows, cfg, seed, tid)))
         else:
-            plan[eval_split].append((task_id, st, *_split_query(rows, cfg, seed, task_id)))
+            plan[eval_split].append((tid, st, *_split_query(rows, cfg, seed, tid)))
     return plan, held_out
 
 

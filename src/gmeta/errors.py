@@ -1,0 +1,90 @@
+"""User errors: mistakes in the user's data, config, shards, checkpoints or input files.
+
+Every expected error derives from ``UserError``. The entry points (``train.py``, ``eval.py``,
+``scripts/prepare_data.py``, the ``gmeta`` CLI) turn one into a short message on stderr and exit
+status 2 (``report_user_errors``); any other exception is a bug and keeps its full traceback.
+
+A message says what is wrong, where (file, row, task, column, key) and how to fix it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+#: exit status of a run stopped by a user error (argparse uses 2 for bad arguments too)
+USER_ERROR_EXIT = 2
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """Base class of the errors a user can fix (bad data, config, shards, checkpoint, input file)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that cannot work (names the key and the accepted values)."""
+
+
+class InputFileError(UserError, FileNotFoundError):
+    """An input file or folder that is missing or cannot be read."""
+
+
+def _config_error_types() -> tuple[type[BaseException], ...]:
+    """omegaconf's errors about values the user gave: a missing ``???`` value, a value of the wrong
+    type, an interpolation naming a key that does not exist. (A key missing from a struct config is
+    not listed: in code it is a bug; as an override, Hydra reports it before the run starts.)"""
+    try:
+        from omegaconf.errors import InterpolationKeyError, MissingMandatoryValue, ValidationError
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return ()
+    return (MissingMandatoryValue, ValidationError, InterpolationKeyError)
+
+
+def find_user_error(exc: BaseException) -> BaseException | None:
+    """The user error behind ``exc``, or None if ``exc`` is unexpected (a bug: keep the traceback).
+
+    Looks through the ``__cause__`` chain, because ``hydra.utils.instantiate`` wraps whatever a
+    constructor raises (e.g. a ``TaskConfig`` value check) in an ``InstantiationException``.
+    A plain ``FileNotFoundError`` counts as a user error: it names a path the user gave.
+    """
+    expected = (UserError, FileNotFoundError, *_config_error_types())
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, expected):
+            return e
+        e = e.__cause__
+    return None
+
+
+def user_message(exc: BaseException) -> str:
+    """The one-paragraph message of a user error.
+
+    An error raised in a DataLoader worker arrives re-raised by torch as the same type with the
+    worker's traceback in its text; keep only the final ``Type: message`` part of it.
+    """
+    text = str(exc)
+    if exc.__class__.__name__ == "FileNotFoundError" and getattr(exc, "filename", None):
+        text = f"{exc.filename}: {exc.strerror or 'no such file or directory'}"
+    if "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def report_user_errors(fn: Callable[[], T], prog: str) -> T:
+    """Run ``fn``; on a user error print ``<prog>: error: <message>`` and exit with status 2.
+
+    Unexpected exceptions propagate unchanged (full traceback, the interpreter's exit status 1).
+    """
+    try:
+        return fn()
+    except Exception as exc:
+        found = find_user_error(exc)
+        if found is None:
+            raise
+        print(f"{prog}: error: {user_message(found)}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_EXIT) from None
