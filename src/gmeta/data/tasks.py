@@ -410,6 +410,8 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
         log.warning("schema has no time column: using row order as time")
     df = df.reset_index(drop=True)
     n = len(df)
+    if n == 0:
+        raise SchemaError("the interaction table has no rows")
     if df[key].isna().any():
         r = int(df[key].isna().to_numpy().nonzero()[0][0])
         raise SchemaError(f"task key {key!r}: missing value (NaN) at row {r}")

@@ -95,6 +95,8 @@ class DuckDBPlanner:
             )
         if (self.cfg.new_user_quantile is not None or self.cfg.query_selection == "last") and s.time is None:
             log.warning("schema has no time column: using row order as time")
+        if not self.con.execute("SELECT 1 FROM src LIMIT 1").fetchall():
+            raise SchemaError("the interaction table has no rows")
         r = self._first_row(f"{q(key)} IS NULL")
         if r is not None:
             raise SchemaError(f"task key {key!r}: missing value (NaN) at row {r}")

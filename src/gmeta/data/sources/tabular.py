@@ -16,6 +16,7 @@ Every problem is reported with the file, the column and (where it applies) the r
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import yaml
 
 from gmeta.data.schema import FieldSpec, Schema, SchemaError
@@ -35,8 +37,15 @@ _SCHEMA_KEYS = {"task_key", "label", "time", "sparse", "multi_hot", "dense", "ha
 def load_schema_file(path: str | Path) -> tuple[Schema, list[str]]:
     """Parse a schema file into a Schema and the list of ignored columns."""
     path = Path(path)
+    if not path.is_file():
+        raise SchemaError(f"{path}: schema file not found (data.source.schema_path)")
     text = path.read_text()
-    spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        spec = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        reason = " ".join(str(e).split())
+        raise SchemaError(f"{path}: not valid {kind} ({reason})") from None
     if not isinstance(spec, dict):
         raise SchemaError(f"{path}: expected a mapping with keys {sorted(_SCHEMA_KEYS)}")
     unknown = sorted(set(spec) - _SCHEMA_KEYS)
@@ -162,6 +171,23 @@ def _duckdb_time_in_seconds(con: Any, t: str, duck_type: str, row_column: str) -
     return _floor_div(f"epoch_us(TRY_CAST({t} AS TIMESTAMPTZ))", 10**6)
 
 
+def unreadable(path: Path, kind: str, e: BaseException) -> SchemaError:
+    """A file that is not the CSV / Parquet it claims to be (truncated, corrupt, ragged rows...)."""
+    reason = " ".join(str(e).split())[:300]
+    return SchemaError(f"{path}: cannot be read as {kind} ({reason}); check or re-export the file")
+
+
+def csv_header(path: Path, sep: str) -> list[str]:
+    """The column names on a CSV file's first line (an empty file is an error)."""
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(fh, delimiter=sep), None)
+    if not header:
+        raise SchemaError(
+            f"{path}: empty file; expected a header line naming the columns, then one row per interaction"
+        )
+    return header
+
+
 def _first_bad(mask: pd.Series) -> int:
     """Position (0-based data row) of the first True in a boolean mask."""
     return int(mask.to_numpy().nonzero()[0][0])
@@ -177,6 +203,8 @@ class TabularSource:
     def describe(self) -> dict[str, Any]:
         if not self.path.exists():
             raise SchemaError(f"{self.path}: no such file or directory (data.source.path)")
+        if not self.schema_path.is_file():
+            raise SchemaError(f"{self.schema_path}: schema file not found (data.source.schema_path)")
         if self.path.is_dir():
             files = [
                 [str(p.relative_to(self.path)), p.stat().st_size, p.stat().st_mtime_ns]
@@ -208,11 +236,23 @@ class TabularSource:
 
     def _read(self, id_columns: list[str]) -> pd.DataFrame:
         suffix = self.path.suffix.lower()
+        if not self.path.exists():
+            raise SchemaError(f"{self.path}: no such file or directory (data.source.path)")
         if self.path.is_dir() or suffix in (".parquet", ".pq"):
-            return pd.concat([pd.read_parquet(p) for p in self._parquet_files()], ignore_index=True)
+            frames = []
+            for p in self._parquet_files():
+                try:
+                    frames.append(pd.read_parquet(p))
+                except (pa.ArrowException, OSError) as e:
+                    raise unreadable(p, "Parquet", e) from None
+            return pd.concat(frames, ignore_index=True)
         if suffix in (".csv", ".tsv", ".txt"):
             sep = "\t" if suffix == ".tsv" else ","
-            return pd.read_csv(self.path, sep=sep, dtype={c: str for c in id_columns})
+            csv_header(self.path, sep)  # an empty file: the same message as the DuckDB scan
+            try:
+                return pd.read_csv(self.path, sep=sep, dtype={c: str for c in id_columns})
+            except (pd.errors.ParserError, UnicodeDecodeError) as e:
+                raise unreadable(self.path, "CSV", e) from None
         raise SchemaError(f"{self.path}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
 
     def load(self) -> tuple[pd.DataFrame, Schema]:
@@ -220,6 +260,8 @@ class TabularSource:
         f = self.path
         id_cols = list(dict.fromkeys([schema.task_key, *(x.name for x in schema.id_fields)]))
         df = self._read(id_cols)
+        if df.empty:
+            raise SchemaError(f"{f}: no rows (a header without interactions?)")
         required = schema.required_columns()
         missing = [c for c in required if c not in df.columns]
         if missing:
@@ -284,7 +326,20 @@ class TabularSource:
 
         Nothing is read into Python: the checks are SQL queries that locate the first bad row.
         ``row_column`` receives each row's 0-based position (files in name order for a directory).
+        A file DuckDB cannot parse (corrupt Parquet, a CSV row with too many fields) is a
+        ``SchemaError`` naming it; the checks scan every row, so later passes meet no new ones.
         """
+        import duckdb
+
+        kind = "Parquet" if self.path.is_dir() or self.path.suffix.lower() in (".parquet", ".pq") else "CSV"
+        try:
+            return self._scan_duckdb(con, row_column)
+        except (duckdb.InvalidInputException, duckdb.IOException, duckdb.ConversionException) as e:
+            raise unreadable(self.path, kind, e) from None
+        except pa.ArrowException as e:  # the Parquet footers are read with pyarrow
+            raise unreadable(self.path, kind, e) from None
+
+    def _scan_duckdb(self, con: Any, row_column: str) -> Schema:
         from gmeta.data.build.duckdb_plan import lit, q
 
         schema, ignore = load_schema_file(self.schema_path)
@@ -294,7 +349,13 @@ class TabularSource:
             files = self._parquet_files()
             import pyarrow.parquet as pq
 
-            offsets = np.cumsum([0] + [pq.ParquetFile(p).metadata.num_rows for p in files[:-1]])
+            counts = []
+            for p in files:
+                try:
+                    counts.append(pq.ParquetFile(p).metadata.num_rows)
+                except (pa.ArrowException, OSError) as e:
+                    raise unreadable(p, "Parquet", e) from None
+            offsets = np.cumsum([0] + counts[:-1])
             con.execute("CREATE TEMP TABLE src_files (filename VARCHAR, offset_rows BIGINT)")
             con.executemany(
                 "INSERT INTO src_files VALUES (?, ?)",
@@ -309,12 +370,18 @@ class TabularSource:
             )
         elif suffix in (".csv", ".tsv", ".txt"):
             sep = "\t" if suffix == ".tsv" else ","
+            # the header line names the columns (as pandas reads it), every value is text; no sniffing,
+            # so a row with more or fewer fields is an error, not a guess at another header
+            columns = ", ".join(f"{lit(name)}: 'VARCHAR'" for name in csv_header(f, sep))
             con.execute(
                 f"CREATE VIEW src_raw AS SELECT *, row_number() OVER () - 1 AS {q(row_column)} "
-                f"FROM read_csv({lit(str(f))}, delim = {lit(sep)}, header = true, all_varchar = true)"
+                f"FROM read_csv({lit(str(f))}, delim = {lit(sep)}, header = true, auto_detect = false, "
+                f"quote = '\"', escape = '\"', columns = {{{columns}}})"
             )
         else:
             raise SchemaError(f"{f}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
+        if not con.execute("SELECT 1 FROM src_raw LIMIT 1").fetchall():
+            raise SchemaError(f"{f}: no rows (a header without interactions?)")
         types = {r[0]: r[1] for r in con.execute("DESCRIBE src_raw").fetchall()}
         columns = [c for c in types if c != row_column]
         required = schema.required_columns()
