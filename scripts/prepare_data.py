@@ -11,6 +11,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from gmeta.errors import report_user_errors
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 
@@ -26,4 +28,5 @@ def main(overrides: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # user errors (a bad override, schema, data file...) exit 2 with one message; bugs keep the traceback
+    report_user_errors(lambda: main(sys.argv[1:]), "prepare_data.py")

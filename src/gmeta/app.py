@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from gmeta.data.schema import SchemaError
+from gmeta.errors import ConfigError, InputFileError
 from gmeta.meta.module import MetaDLRMModule
 from gmeta.parallel import shutdown_process_group  # also registers trainer.strategy=hybrid_parallel
 from gmeta.parallel.launch import is_global_rank_zero, isolated_launch_env, wait_for_children
@@ -93,7 +95,7 @@ def train(cfg: DictConfig) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric {name!r} was not logged; logged metrics: {sorted(metrics)}")
+        raise ConfigError(f"optimized_metric {name!r} was not logged; logged metrics: {sorted(metrics)}")
     return metrics[name]
 
 
@@ -133,27 +135,52 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     return records
 
 
+def check_checkpoint_vocabulary(ckpt: Path, datamodule: Any) -> None:
+    """The shards' vocabulary must be the checkpoint's: with another one (even of the same sizes)
+    every id would silently select another embedding row."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    want = next(
+        (v.get("vocab_sha256") for v in state.values() if isinstance(v, dict) and "vocab_sha256" in v), None
+    )
+    manifest = getattr(datamodule, "manifest", None)
+    have = (manifest.data.get("vocab", {}) if manifest is not None else {}).get("sha256")
+    if want and have and want != have:
+        raise SchemaError(
+            f"checkpoint {ckpt} was trained with another vocabulary (sha256 {want[:12]}...) than the shards in "
+            f"{datamodule.data_dir} ({have[:12]}...): ids would map to other embedding rows. Evaluate on the "
+            "shards the model was trained on (data.data_dir of its run, config_resolved.yaml)"
+        )
+
+
 def _evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     if is_global_rank_zero():
         save_run_info(cfg, output_dir)
+    if not cfg.get("ckpt_path"):
+        raise ConfigError(
+            "eval.py needs ckpt_path=<a checkpoint of a gmeta run> (e.g. .../checkpoints/last.ckpt)"
+        )
+    if cfg.split not in ("test", "val"):
+        raise ConfigError(f"split must be 'test' or 'val', got {cfg.split!r}")
     ckpt = Path(cfg.ckpt_path)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        raise InputFileError(f"checkpoint not found: {ckpt} (ckpt_path)")
     datamodule = build_datamodule(cfg)
     model = MetaDLRMModule.load_from_checkpoint(ckpt, map_location="cpu")
     if model.schema.to_dict()["fields"] != datamodule.schema.to_dict()["fields"]:
-        raise ValueError(
-            f"checkpoint {ckpt} was trained on a different schema than the shards in {datamodule.data_dir}"
+        raise SchemaError(
+            f"checkpoint {ckpt} was trained on a different schema than the shards in {datamodule.data_dir}: "
+            "evaluate it with the data config it was trained on"
         )
+    check_checkpoint_vocabulary(ckpt, datamodule)
     trainer = build_trainer(cfg)
     if cfg.split == "val":
         # validation metrics are logged only; run them through the test path to get records
         datamodule.test_dataloader = datamodule.val_dataloader  # type: ignore[method-assign]
-    elif cfg.split != "test":
-        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
     trainer.test(model, datamodule=datamodule)
     records = _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")
     wait_for_children(trainer.strategy.launcher)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gmeta.data.schema import SchemaError
+from gmeta.errors import report_user_errors
 
 #: Scores are float32 probabilities: 7 significant digits keep them to within 5e-8.
 FLOAT_FORMAT = "%.7g"
@@ -153,16 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``gmeta`` console script; input errors print one message and exit 2."""
+    """Entry point of the ``gmeta`` console script; user errors (``gmeta.errors``: bad input files,
+    checkpoint, shards) print one message and exit 2; unexpected errors keep their traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return args.func(args)
-    except (SchemaError, FileNotFoundError) as e:
-        print(f"gmeta {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return report_user_errors(lambda: args.func(args), f"gmeta {args.command}")
+    except SystemExit as e:  # a user error: the message is printed; return its status
+        return int(e.code)
 
 
 if __name__ == "__main__":

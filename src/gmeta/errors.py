@@ -42,6 +42,33 @@ def _config_error_types() -> tuple[type[BaseException], ...]:
     return (MissingMandatoryValue, ValidationError, InterpolationKeyError)
 
 
+def _hydra_error_types() -> tuple[type[BaseException], ...]:
+    """Hydra's errors about the command line: a bad override, a config group option that does not exist."""
+    try:
+        from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return ()
+    return (ConfigCompositionException, MissingConfigException, OverrideParseException)
+
+
+def _is_bad_arguments(exc: BaseException) -> bool:
+    """``instantiate`` called a config's ``_target_`` with a key it does not take (a typo in the config)."""
+    try:
+        from hydra.errors import InstantiationException
+    except ImportError:  # pragma: no cover
+        return False
+    cause = exc.__cause__
+    return (
+        isinstance(exc, InstantiationException)
+        and isinstance(cause, TypeError)
+        and (
+            "unexpected keyword argument" in str(cause)
+            or "missing" in str(cause)
+            and "argument" in str(cause)
+        )
+    )
+
+
 def find_user_error(exc: BaseException) -> BaseException | None:
     """The user error behind ``exc``, or None if ``exc`` is unexpected (a bug: keep the traceback).
 
@@ -49,12 +76,12 @@ def find_user_error(exc: BaseException) -> BaseException | None:
     constructor raises (e.g. a ``TaskConfig`` value check) in an ``InstantiationException``.
     A plain ``FileNotFoundError`` counts as a user error: it names a path the user gave.
     """
-    expected = (UserError, FileNotFoundError, *_config_error_types())
+    expected = (UserError, FileNotFoundError, *_config_error_types(), *_hydra_error_types())
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, expected):
+        if isinstance(e, expected) or _is_bad_arguments(e):
             return e
         e = e.__cause__
     return None
@@ -88,3 +115,29 @@ def report_user_errors(fn: Callable[[], T], prog: str) -> T:
             raise
         print(f"{prog}: error: {user_message(found)}", file=sys.stderr, flush=True)
         raise SystemExit(USER_ERROR_EXIT) from None
+
+
+class HydraEntry:
+    """Exit statuses of a ``@hydra.main`` entry point (``train.py``, ``eval.py``).
+
+    Inside the task function, ``run`` turns user errors into a message and status 2. Hydra reports
+    its own command-line errors (a bad override, an unknown config option) before the task function
+    runs, with a short message and status 1; ``main`` turns that status into 2 too. A status 1
+    after the task function started is an unexpected error (Hydra printed its traceback): kept.
+    """
+
+    def __init__(self, prog: str) -> None:
+        self.prog = prog
+        self.started = False
+
+    def run(self, fn: Callable[[], T]) -> T:
+        self.started = True
+        return report_user_errors(fn, self.prog)
+
+    def main(self, hydra_main: Callable[[], object]) -> None:
+        try:
+            hydra_main()
+        except SystemExit as e:
+            if e.code == 1 and not self.started:
+                raise SystemExit(USER_ERROR_EXIT) from None
+            raise
