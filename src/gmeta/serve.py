@@ -181,9 +181,17 @@ def read_table(path: str | Path, id_columns: Sequence[str] = ()) -> pd.DataFrame
     suffix = p.suffix.lower()
     if suffix in (".csv", ".tsv", ".txt"):
         sep = "\t" if suffix == ".tsv" else ","
-        return pd.read_csv(p, sep=sep, dtype={c: str for c in id_columns})
+        try:
+            return pd.read_csv(p, sep=sep, dtype={c: str for c in id_columns})
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise ServeError(f"{p}: cannot be read as CSV ({' '.join(str(e).split())})") from None
     if suffix in (".parquet", ".pq"):
-        return pd.read_parquet(p)
+        import pyarrow as pa
+
+        try:
+            return pd.read_parquet(p)
+        except (pa.ArrowException, OSError) as e:
+            raise ServeError(f"{p}: cannot be read as Parquet ({' '.join(str(e).split())})") from None
     if suffix in (".json", ".jsonl"):
         text = p.read_text()
         try:
