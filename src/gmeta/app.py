@@ -70,7 +70,11 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks: list[Callback] = _instantiate_group(cfg.get("callbacks"))
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra: dict[str, Any] = {}
+    if cfg.get("checkpoint_io") is not None:  # atomic checkpoint files (gmeta.checkpoint_io)
+        plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+        extra["plugins"] = [*plugins, instantiate(cfg.checkpoint_io)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
 def _report(model: MetaDLRMModule, trainer: L.Trainer, output_dir: Path, title: str) -> list[dict]:
