@@ -82,3 +82,46 @@ def test_full_checkpoint_of_other_vocab_is_refused():
     shard = ShardedEmbeddingCollection(local_table(), FakeComm(0, 2))
     with pytest.raises(ValueError, match=r"checkpoint has 10 rows, the table has 1161"):
         shard.load_state_dict(other.state_dict())
+
+
+# -- per-rank construction (issue 11) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_deferred_table_is_built_per_rank_with_exactly_the_whole_tables_rows(optimizer):
+    kwargs = {"optimizer": optimizer, "optimizer_kwargs": {"lr": 0.1}, "init_std": 0.3, "init_seed": 7}
+    whole = EmbeddingCollection(VOCABS, num_sparse=3, dim=5, **kwargs).double()
+    deferred = EmbeddingCollection(VOCABS, num_sparse=3, dim=5, device="meta", **kwargs).double()
+    assert deferred.weight.is_meta and all(b.is_meta for b in deferred.optimizer.buffers())
+    for world in (1, 2, 3, 4):
+        rows = 0
+        for rank in range(world):
+            shard = ShardedEmbeddingCollection(deferred, FakeComm(rank, world))
+            assert shard.weight.dtype == torch.float64
+            assert torch.equal(shard.weight, whole.weight[rank::world])  # bit for bit
+            for name, buf in whole.optimizer.named_buffers():
+                assert torch.equal(getattr(shard.optimizer, name), buf[rank::world]), name
+            rows += shard.num_local_rows
+        assert rows == whole.num_total_rows
+    assert deferred.weight.is_meta  # the whole table was never allocated
+
+
+def test_initial_rows_depend_on_seed_field_and_row_only():
+    a = EmbeddingCollection((5, 7, 3), num_sparse=3, dim=4, init_seed=1)
+    b = EmbeddingCollection((9, 7), num_sparse=2, dim=4, init_seed=1)  # fields 0 and 1 of other sizes
+    c = EmbeddingCollection((5, 7, 3), num_sparse=3, dim=4, init_seed=2)
+    torch.testing.assert_close(a.weight[:5], b.weight[:5], rtol=0, atol=0)  # field 0, rows 0-4
+    torch.testing.assert_close(a.weight[5:12], b.weight[9:16], rtol=0, atol=0)  # field 1, rows 0-6
+    assert not torch.equal(a.weight[12:15], a.weight[:3])  # field 2's rows are not field 0's
+    assert not (a.weight == c.weight).any()  # another seed, other values
+
+
+def test_a_deferred_table_materialises_whole_on_load_or_on_demand():
+    kwargs = {"init_std": 0.2, "init_seed": 3}
+    whole = EmbeddingCollection(VOCABS, num_sparse=3, dim=4, **kwargs)
+    deferred = EmbeddingCollection(VOCABS, num_sparse=3, dim=4, device="meta", **kwargs)
+    deferred.materialize()
+    assert torch.equal(deferred.weight, whole.weight)
+    loaded = EmbeddingCollection(VOCABS, num_sparse=3, dim=4, device="meta", init_seed=99)
+    loaded.load_state_dict(whole.state_dict())
+    assert torch.equal(loaded.weight, whole.weight) and not loaded.weight.is_meta

@@ -82,6 +82,7 @@ class MetaDLRMModule(L.LightningModule):
             init_std=init_std,
             optimizer=row_optimizer.pop("name"),
             optimizer_kwargs=row_optimizer,
+            device="meta",  # built in configure_model: whole here, or only this rank's rows when sharded
         )
         self.dlrm = DLRM(
             num_fields=len(self.schema.id_fields),
@@ -102,6 +103,11 @@ class MetaDLRMModule(L.LightningModule):
         self.test_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
         #: per-state test results of the last test run, as records (see ``gmeta.report``)
         self.test_records: list[dict[str, Any]] = []
+
+    def configure_model(self) -> None:
+        # Lightning calls this after the strategy's environment set-up: HybridParallelStrategy has
+        # then already replaced the deferred table by this rank's rows; on one process, build it whole.
+        self.embedding.materialize()
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:

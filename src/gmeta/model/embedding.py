@@ -6,6 +6,11 @@ vocab_sizes[f] - 1`` (its row 0, the learned OOV row, at ``offsets[f]``). One ``
 global ids of a whole meta-batch (support AND query of every task) then serves every field, and a
 row-wise sharded version can split these rows across ranks behind the same interface.
 
+Initial rows are a pure function of (``init_seed``, field, row) (``gmeta.model.row_init``), so a table
+built whole on one process and one built in row shards on N processes start identical. With
+``device="meta"`` nothing is allocated at construction (``materialize`` builds the table later, or
+``gmeta.parallel`` builds only a rank's rows): a table larger than one host never exists whole.
+
 The weight is a buffer, not a parameter: ``module.parameters()`` holds only dense weights (for the
 dense optimizer and its AllReduce) while the table is updated by its own sparse row-wise optimizer,
 whose state is a submodule's buffers and so travels in ``state_dict`` with the weight.
@@ -20,6 +25,7 @@ Training flow (the same for the row-wise sharded table in ``gmeta.parallel``)::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +35,7 @@ from torch import Tensor, nn
 
 from gmeta.data.batch import SetBatch, TaskBatch
 from gmeta.data.schema import MULTI_HOT_PAD, Schema
+from gmeta.model.row_init import fill_normal_rows_
 
 # --------------------------------------------------------------------------------------------------
 # Row-wise (sparse) optimizers
@@ -250,6 +257,9 @@ class EmbeddingCollection(nn.Module):
         field_names: for error messages (defaults to ``field0``, ``field1``, ...).
         check_ids: validate ids against the vocab sizes in ``lookup`` (one reduction per set; an
             out-of-range id would otherwise silently read another field's rows).
+        init_seed: key of the per-row initial values; None draws one from torch's generator (so
+            ``seed_everything`` fixes it). ``HybridParallelStrategy`` makes every rank use rank 0's.
+        device: ``"meta"`` defers allocation of the table and its optimizer state (``materialize``).
     """
 
     def __init__(
@@ -262,6 +272,8 @@ class EmbeddingCollection(nn.Module):
         optimizer_kwargs: Mapping[str, Any] | None = None,
         field_names: Sequence[str] | None = None,
         check_ids: bool = True,
+        init_seed: int | None = None,
+        device: str | torch.device | None = None,
     ) -> None:
         super().__init__()
         self.vocab_sizes = tuple(int(v) for v in vocab_sizes)
@@ -284,16 +296,20 @@ class EmbeddingCollection(nn.Module):
         self.init_std = init_std
         self.check_ids = check_ids
         self.num_total_rows = sum(self.vocab_sizes)
+        self.optimizer_name = optimizer
+        self.optimizer_kwargs = dict(optimizer_kwargs or {})
+        # drawn outside any device context: a meta "random" number would carry no value
+        self.init_seed = int(torch.randint(0, 2**62, ()).item()) if init_seed is None else int(init_seed)
 
         sizes = torch.tensor(self.vocab_sizes, dtype=torch.long)
         # Derived from the config, so not checkpointed.
         self.register_buffer("offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
         self.register_buffer("sizes", sizes, persistent=False)
-        self.register_buffer("weight", torch.empty(self.num_total_rows, dim))
-        self.optimizer = make_row_optimizer(
-            optimizer, self.num_total_rows, dim, **dict(optimizer_kwargs or {})
-        )
-        self.reset_parameters()
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            self.register_buffer("weight", torch.empty(self.num_total_rows, dim))
+            self.optimizer = make_row_optimizer(optimizer, self.num_total_rows, dim, **self.optimizer_kwargs)
+        if not self.weight.is_meta:
+            self.reset_parameters()
 
     @classmethod
     def from_schema(cls, schema: Schema, dim: int, **kwargs: Any) -> EmbeddingCollection:
@@ -311,9 +327,43 @@ class EmbeddingCollection(nn.Module):
     def num_fields(self) -> int:
         return len(self.vocab_sizes)
 
+    # -- construction ---------------------------------------------------------------------------
+    def global_rows(self) -> Tensor:
+        """(R,) int64 global row id of each row this module holds (all of them here)."""
+        return torch.arange(self.num_total_rows)
+
+    @property
+    def row_buffers(self) -> list[str]:
+        """state_dict keys (relative to this module) of the row-indexed tensors: weight, optimizer state."""
+        return ["weight"] + [f"optimizer.{n}" for n, _ in self.optimizer.named_buffers(recurse=False)]
+
+    @property
+    def is_materialized(self) -> bool:
+        return not self.weight.is_meta
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self.weight.normal_(0.0, self.init_std)
+        """Every held row to its initial value, N(0, init_std^2) drawn from (init_seed, field, row)."""
+        fill_normal_rows_(self.weight, self.init_seed, self.offsets.cpu(), self.global_rows(), self.init_std)
+
+    def new_row_optimizer(self, num_rows: int, like: RowWiseOptimizer) -> RowWiseOptimizer:
+        """A fresh row-wise optimizer for ``num_rows`` rows, its state in the dtypes of ``like``'s."""
+        optimizer = make_row_optimizer(self.optimizer_name, num_rows, self.dim, **self.optimizer_kwargs)
+        dtypes = {n: b.dtype for n, b in like.named_buffers(recurse=False)}
+        for name, buf in list(optimizer.named_buffers(recurse=False)):
+            setattr(optimizer, name, buf.to(dtypes[name]))
+        return optimizer
+
+    @torch.no_grad()
+    def materialize(self, init: bool = True) -> None:
+        """Allocate a deferred (meta) table and its optimizer state on the CPU, in their dtypes, and
+        initialise the rows (``init``; else they are left uninitialised, to be loaded). No-op when built."""
+        if self.is_materialized:
+            return
+        self.weight = torch.empty(self.weight.shape, dtype=self.weight.dtype)
+        self.optimizer = self.new_row_optimizer(self.weight.shape[0], like=self.optimizer)
+        if init:
+            self.reset_parameters()
 
     # -- lookup ---------------------------------------------------------------------------------
     def find_bad_id(self, s: SetBatch) -> tuple[int, int, int, int] | None:
@@ -418,6 +468,8 @@ class EmbeddingCollection(nn.Module):
                 "state_dict); one process needs the full table: save checkpoints through "
                 "HybridParallelStrategy (it gathers the shards) and load those"
             )
+        if not self.is_materialized:  # a deferred table: allocate it (initialise only what is not loaded)
+            self.materialize(init=prefix + "weight" not in state_dict)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

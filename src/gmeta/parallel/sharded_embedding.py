@@ -14,13 +14,14 @@ One meta-step, on every rank (``Communicator`` tags in brackets)::
     backward: rows.grad (U, d) --[rows/grads]-> owners, summed per row, row-wise optimizer step
 
 The optimizer state (Adagrad accumulators, Adam moments) is row-indexed, so it is sharded by the same
-rule. Checkpoints hold full tables (``full_state_dict`` gathers them), so a run on N ranks resumes on
-M ranks; ``load_state_dict`` takes the owned rows of a full table.
+rule. A deferred (meta) table is built per rank: each rank allocates and initialises only its rows.
+Checkpoints either hold full tables (``full_state_dict`` gathers them; ``load_state_dict`` takes the
+owned rows of a full table) or are sharded directories (``sharded_checkpoint.py``); both load on any
+number of ranks.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,11 +64,14 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
     """The rows of an ``EmbeddingCollection`` owned by this rank; same interface (``lookup``,
     ``apply_gradients``), so the LightningModule does not know which one it holds.
 
-    Built from a full local table (``from_local``): it keeps rows ``rank, rank + W, ...`` of the weight
-    and of every row-indexed optimizer buffer.
+    Built from an ``EmbeddingCollection`` that describes the table (vocab sizes, dim, init seed,
+    optimizer). If that table is deferred (``device="meta"``, as ``MetaDLRMModule`` builds it), this
+    rank allocates and initialises only its own rows ``rank, rank + W, ...`` and their optimizer state,
+    with the same values a whole table would hold (``gmeta.model.row_init``): the full table never
+    exists on any rank. If it is a built table, its owned rows and optimizer state are copied.
 
     Args:
-        local: the full table to shard (left untouched).
+        local: the table to shard (left untouched).
         comm: the communicator (its rank and world size define the shard).
     """
 
@@ -76,7 +80,17 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         nn.Module.__init__(self)
         self.comm = comm
         self.rank, self.world_size = comm.rank, comm.world_size
-        for attr in ("vocab_sizes", "field_names", "num_sparse", "dim", "init_std", "check_ids"):
+        for attr in (
+            "vocab_sizes",
+            "field_names",
+            "num_sparse",
+            "dim",
+            "init_std",
+            "check_ids",
+            "init_seed",
+            "optimizer_name",
+            "optimizer_kwargs",
+        ):
             setattr(self, attr, getattr(local, attr))
         self.num_total_rows = local.num_total_rows
         self.register_buffer("offsets", local.offsets.clone(), persistent=False)
@@ -84,28 +98,28 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         self.register_buffer(
             "shard_info", torch.tensor([self.world_size, self.rank, self.num_total_rows], dtype=torch.long)
         )
-        own = slice(self.rank, None, self.world_size)
-        self.register_buffer("weight", local.weight[own].clone())
-        optimizer = copy.copy(local.optimizer)  # shallow: hyper-parameters; buffers replaced below
-        optimizer._buffers = {}
-        optimizer._non_persistent_buffers_set = set(local.optimizer._non_persistent_buffers_set)
-        #: state_dict keys (relative to this module) of the row-indexed tensors
-        self.row_buffers = ["weight"]
         for name, buf in local.optimizer.named_buffers(recurse=False):
             if buf.shape[0] != local.num_total_rows:
                 raise ValueError(f"optimizer buffer {name!r} is not row-indexed: shape {tuple(buf.shape)}")
-            optimizer.register_buffer(name, buf[own].clone())
-            self.row_buffers.append(f"optimizer.{name}")
-        optimizer.num_rows = self.weight.shape[0]
-        self.optimizer = optimizer
+        num_local = owned_rows(self.num_total_rows, self.world_size, self.rank)
+        if local.is_materialized:
+            own = slice(self.rank, None, self.world_size)
+            self.register_buffer("weight", local.weight[own].clone())
+            self.optimizer = self.new_row_optimizer(num_local, like=local.optimizer)
+            for name, buf in local.optimizer.named_buffers(recurse=False):
+                setattr(self.optimizer, name, buf[own].clone())
+        else:  # per-rank construction: only this rank's rows, initialised as the whole table would be
+            self.register_buffer("weight", torch.empty(num_local, self.dim, dtype=local.weight.dtype))
+            self.optimizer = self.new_row_optimizer(num_local, like=local.optimizer)
+            self.reset_parameters()
+
+    def global_rows(self) -> Tensor:
+        """(R,) int64 global row id of each local row: ``rank, rank + W, ...``."""
+        return torch.arange(self.rank, self.num_total_rows, self.world_size)
 
     @property
     def num_local_rows(self) -> int:
         return int(self.weight.shape[0])
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        self.weight.normal_(0.0, self.init_std)
 
     # -- lookup ---------------------------------------------------------------------------------
     def _header(self, loss_weight: int, send_counts: Tensor) -> Tensor:
