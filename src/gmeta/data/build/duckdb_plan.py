@@ -354,21 +354,34 @@ class DuckDBPlanner:
             "too_many_interactions": f"n_all > {hi} AND win < 0",
             "window_remainder": f"win >= 0 AND n < {lo}",
         }
-        filtered = {}
-        for reason, cond in reasons.items():
-            tasks, rows = self._one(
-                f"SELECT count(*) FILTER (WHERE pos = 0), count(*) FROM rows WHERE {cond}"
+        got = self._one(  # one pass: (tasks, rows) per reason
+            "SELECT "
+            + ", ".join(
+                f"count(*) FILTER (WHERE pos = 0 AND {cond}), count(*) FILTER (WHERE {cond})"
+                for cond in reasons.values()
             )
-            filtered[reason] = {"tasks": int(tasks), "interactions": int(rows)}
+            + " FROM rows"
+        )
+        filtered = {
+            reason: {"tasks": int(got[2 * k]), "interactions": int(got[2 * k + 1])}
+            for k, reason in enumerate(reasons)
+        }
 
         # labels per split: train rows, and the whole task of every evaluation task (val / test)
         evaluated = f"{kept} AND (state <> 0 OR ({str(cfg.warm_eval).lower()} AND n - {qs} >= {lo}))"
         where = {"train": train, "val": f"{evaluated} AND is_val", "test": f"{evaluated} AND NOT is_val"}
+        got = self._one(  # one pass: (rows, positives) per split
+            "SELECT "
+            + ", ".join(
+                f"count(*) FILTER (WHERE {where[split]}), sum(label) FILTER (WHERE {where[split]})"
+                for split in SPLITS
+            )
+            + " FROM rows"
+        )
         label_counts = {}
-        for split in SPLITS:
-            rows, positive = self._one(f"SELECT count(*), sum(label) FROM rows WHERE {where[split]}")
-            positive = int(positive or 0)
-            label_counts[split] = {"positive": positive, "negative": int(rows) - positive}
+        for k, split in enumerate(SPLITS):
+            rows, positive = int(got[2 * k]), int(got[2 * k + 1] or 0)
+            label_counts[split] = {"positive": positive, "negative": rows - positive}
         check_label_balance(label_counts, threshold, s.label)
 
         sizes: dict[str, int] = {}
