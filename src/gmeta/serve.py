@@ -164,6 +164,20 @@ def load_encoding(
 
         if sha256_file(vocab_path) != want:
             raise ServeError(f"{vocab_path}: sha256 differs from {where} (replaced or corrupt)")
+    trained = next(  # the vocabulary the checkpoint was trained with (TaskDataModule.state_dict)
+        (
+            v.get("vocab_sha256")
+            for v in (checkpoint or {}).values()
+            if isinstance(v, dict) and v.get("vocab_sha256")
+        ),
+        None,
+    )
+    if trained and want and trained != want:
+        raise ServeError(
+            f"{where}: vocabulary sha256 {want[:12]}... is not the one the checkpoint was trained with "
+            f"({trained[:12]}...): ids would map to other embedding rows. Pass the shard folder the model "
+            "was trained on (--data-dir)"
+        )
     threshold, item_key = _task_config_fields(manifest.data.get("task_config"))
     return Encoding(schema, json.loads(vocab_path.read_text()), threshold, item_key, str(vocab_path))
 

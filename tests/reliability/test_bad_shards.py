@@ -89,3 +89,16 @@ def test_bad_serving_input(tmp_path: Path, name: str, content: bytes | None, mes
         path.write_bytes(content)
     with pytest.raises(UserError, match=message):
         read_table(path, ["user_id"])
+
+
+def test_adapt_refuses_a_data_dir_with_another_vocabulary(good_shards: Path) -> None:
+    """gmeta adapt --data-dir: shards whose vocabulary is not the checkpoint's are an error."""
+    from gmeta.serve import load_encoding
+
+    m = read_manifest(good_shards)
+    own = m.data["vocab"]["sha256"]
+    state = {"state_dict": {}, "TaskDataModule": {"data_dir": "x", "vocab_sha256": own}}
+    assert load_encoding(m.schema, state, data_dir=good_shards).index  # the same vocabulary: fine
+    state["TaskDataModule"]["vocab_sha256"] = "f" * 64
+    with pytest.raises(UserError, match=r"is not the one the checkpoint was trained with \(ffffffffffff"):
+        load_encoding(m.schema, state, data_dir=good_shards)
