@@ -18,6 +18,7 @@ from gmeta.errors import ConfigError, InputFileError
 from gmeta.meta.module import MetaDLRMModule
 from gmeta.parallel import shutdown_process_group  # also registers trainer.strategy=hybrid_parallel
 from gmeta.parallel.launch import is_global_rank_zero, isolated_launch_env, wait_for_children
+from gmeta.parallel.requeue import TrainingInterrupted
 from gmeta.report import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,11 @@ def train(cfg: DictConfig) -> float | None:
     optimize), or None when it is not set.
     """
     with isolated_launch_env():  # a sweep's next job must not inherit this job's rank variables
-        metrics = _train(cfg)
+        try:
+            metrics = _train(cfg)
+        except TrainingInterrupted:  # a signal: checkpoint saved, exit 128 + signal (not 0)
+            shutdown_process_group()
+            raise
         shutdown_process_group()  # multi-process runs: a clean gloo exit (and room for the next job)
     name = cfg.get("optimized_metric")
     if not name:

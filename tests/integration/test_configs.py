@@ -96,7 +96,13 @@ def test_train_defaults(tmp_path) -> None:
     assert cfg.trainer.inference_mode is False  # the evaluation inner loop needs autograd
     assert "fast_dev_run" not in cfg.trainer
     assert set(cfg.logger) == {"csv", "tensorboard"}
-    assert set(cfg.callbacks) == {"model_checkpoint", "model_summary", "progress_bar"}
+    assert set(cfg.callbacks) == {
+        "model_checkpoint",
+        "last_checkpoint",
+        "stop_on_signal",
+        "model_summary",
+        "progress_bar",
+    }
     # the checkpoint monitor is the metric the module logs (mean AUC over states of the adapted mode)
     adapted_mode = next(mode for mode, adapted in EVAL_MODES if adapted)
     assert cfg.callbacks.model_checkpoint.monitor == f"val/auc_{adapted_mode}"

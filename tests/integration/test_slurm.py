@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 
 from gmeta.parallel import HybridParallelStrategy, shutdown_process_group
 from gmeta.parallel.launch import isolated_launch_env
-from gmeta.parallel.requeue import SlurmRequeue
+from gmeta.parallel.requeue import SlurmRequeue, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts" / "slurm"))
@@ -100,7 +100,9 @@ def test_requeue_signal_checkpoints_at_the_next_step_boundary_and_resumes(
     batches = batch_loader([local_batch(s, 0, 1) for s in range(6)])
     requeue = SlurmRequeue(requeue=False)
     trainer = _trainer(tmp_path, [SignalAtStep(), requeue], max_steps=6)
-    trainer.fit(make_module("maml"), train_dataloaders=batches)
+    with pytest.raises(TrainingInterrupted) as stopped:  # never a success status: 128 + SIGUSR1
+        trainer.fit(make_module("maml"), train_dataloaders=batches)
+    assert stopped.value.code == 128 + signal.SIGUSR1
     assert requeue.requested and trainer.global_step == 2  # stopped right after the signalled step
     assert signal.getsignal(signal.SIGUSR1) is not requeue._handler  # handler removed after fit
     ckpt = torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=False)

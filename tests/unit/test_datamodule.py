@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gmeta.data.batch import TaskBatch
-from gmeta.data.datamodule import TaskDataLoader, TaskDataModule, TaskStreamDataset
+from gmeta.data.datamodule import Position, TaskDataLoader, TaskDataModule, TaskStreamDataset
 from gmeta.data.shards import read_manifest
 from gmeta.data.tasks import SPLITS
 
@@ -232,3 +232,52 @@ def test_resuming_on_shards_with_another_vocabulary_is_refused(shard_dir):
     dm.load_state_dict(state)  # same shards: fine
     with pytest.raises(ValueError, match=r"trained with the vocabulary of .* holds another one"):
         dm.load_state_dict({**state, "vocab_sha256": "0" * 64})
+
+
+def _fingerprints(loader) -> list[tuple[str, ...]]:
+    """Each batch as its task ids ("" for masked dummies): identifies its content and order."""
+    return [tuple(b.task_ids) for b in loader]
+
+
+@pytest.mark.parametrize(
+    ("workers", "world", "rank_split"),
+    [(0, 1, "shards"), (2, 1, "shards"), (3, 1, "shards"), (2, 2, "shards"), (2, 3, "batches")],
+)
+def test_a_resumed_epoch_continues_exactly_where_the_position_says(shard_dir, workers, world, rank_split):
+    """After ``n`` delivered batches of epoch 1, the resumed loader yields exactly the rest of an
+    uninterrupted epoch 1, in order (worker round-robin and rank padding included), for every n."""
+    for rank in range(world):
+        dm = _module(shard_dir, rank, world, workers, rank_split=rank_split, persistent_workers=False)
+        full = dm.train_dataloader()
+        full._iterations = 1
+        want = _fingerprints(full)
+        assert len(want) == full.dataset.num_batches(workers, 1)
+        assert full.dataset.slot_batches(workers, 1)[0] >= 1 and sum(
+            full.dataset.slot_batches(workers, 1)
+        ) == len(want)
+        for n in range(len(want) + 1):
+            loader = dm.train_dataloader()
+            loader.resume_from(Position(epoch=1, batches=n, epoch_done=False))
+            assert _fingerprints(loader) == want[n:], (rank, n)
+            # the iteration after a resumed one is the next epoch, from its start
+            assert loader._iterations == 2
+
+
+def test_a_position_at_the_end_of_an_epoch_continues_with_the_next_epoch(shard_dir):
+    dm = _module(shard_dir)
+    loader = dm.train_dataloader()
+    loader._iterations = 3
+    want = _fingerprints(loader)
+    loader = dm.train_dataloader()
+    loader.resume_from(Position(epoch=2, batches=len(want), epoch_done=True))
+    assert _fingerprints(loader) == want
+
+
+def test_the_datamodule_hands_a_checkpointed_position_to_the_next_train_loader_only(shard_dir):
+    dm = _module(shard_dir)
+    state = dm.state_dict()
+    assert "train_position" not in state  # no trainer: nothing is being fitted
+    dm.load_state_dict({**state, "train_position": {"epoch": 0, "batches": 4, "epoch_done": False}})
+    resumed = _fingerprints(dm.train_dataloader())
+    fresh = _fingerprints(dm.train_dataloader())
+    assert resumed == fresh[4:]

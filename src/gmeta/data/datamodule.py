@@ -15,6 +15,15 @@ splitter raises in multi-process runs).
 With ``equal_batches`` (the default) each rank yields the same number of batches per epoch:
 ranks with fewer real batches append batches of one masked dummy task (``task_mask`` False), so
 collective embedding lookups never deadlock on uneven data. Real tasks are never dropped or duplicated.
+
+Exact resume: a checkpoint written during ``fit`` stores the training stream's position (epoch,
+batches already trained on, whether the epoch was complete; ``TaskDataModule.state_dict``). The
+first train loader of a resumed fit continues from there: the same epoch's shuffle, without the
+delivered batches (built from the same shards, never collated), in the order an uninterrupted
+iteration would have yielded the rest, DataLoader workers included (``resume_plan``). The epoch
+comes from the checkpoint, not from ``trainer.current_epoch``: Lightning creates the first iterator
+of a resumed fit before it advances its epoch counter, which made a resumed run replay the
+previous epoch's shuffle.
 """
 
 from __future__ import annotations
@@ -25,13 +34,14 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gmeta.data.batch import (
@@ -158,17 +168,27 @@ class TaskStreamDataset(IterableDataset):
         self.equal_batches = equal_batches
         self.drop_last = drop_last
         self.rank_split = rank_split
-        # in shared memory: persistent DataLoader workers see the epoch set in the main process
+        # in shared memory: persistent DataLoader workers see the position set in the main process
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+        self._skip = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
     def epoch(self) -> int:
         """The epoch whose shuffle order the next iteration uses."""
         return int(self._epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose shuffle order the next iteration uses (seen by persistent workers)."""
+    @property
+    def skip(self) -> int:
+        """Batches of the epoch the next iteration leaves out (already trained on before a resume)."""
+        return int(self._skip)
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch whose shuffle order the next iteration uses, and how many of its first
+        batches (in the loader's output order) it leaves out; seen by persistent workers."""
+        if skip < 0:
+            raise ValueError(f"skip must be >= 0, got {skip}")
         self._epoch.fill_(int(epoch))
+        self._skip.fill_(int(skip))
 
     # -- planning (pure functions of epoch, slots and the manifest counts) -------------------
     # (the shard pipeline's own shuffle and split stages, run on the manifest counts alone)
@@ -218,6 +238,46 @@ class TaskStreamDataset(IterableDataset):
         if self.equal_batches:
             return max(self.rank_batches(r, num_workers, epoch) for r in range(self.world_size))
         return self.rank_batches(self.rank, num_workers, epoch)
+
+    def slot_batches(self, num_workers: int, epoch: int) -> list[int]:
+        """Batches each of this rank's loader slots (worker order) yields in ``epoch``, padding included
+        (the masked dummies come from the first slot)."""
+        w = max(1, num_workers)
+        if self._split_batches:
+            per_global = self.batch_tasks * self.world_size
+            tasks = [self.slot_tasks(k, w, epoch) for k in range(w)]
+            counts = [n // per_global if self.drop_last else math.ceil(n / per_global) for n in tasks]
+        else:
+            counts = [
+                self._num_batches(self.slot_tasks(self.rank * w + k, self.world_size * w, epoch))
+                for k in range(w)
+            ]
+        if self.equal_batches:
+            counts[0] += self.num_batches(num_workers, epoch) - sum(counts)
+        return counts
+
+    def resume_plan(self, num_workers: int, epoch: int, skip: int) -> tuple[list[int], int]:
+        """(batches each slot leaves out, slot that worker 0 takes) to continue after ``skip`` batches.
+
+        A DataLoader with W workers hands out their batches round-robin (worker 0, 1, ..., W-1, 0, ...),
+        a worker that runs out dropping from the cycle. Replaying that cycle on the known per-slot
+        counts gives how many batches each slot already delivered and which slot was next; a resumed
+        iteration rotates the slots so that worker 0 takes that one, and the rest of the epoch comes
+        out in exactly the order of an uninterrupted iteration.
+        """
+        counts = self.slot_batches(num_workers, epoch)
+        w = len(counts)
+        skips, nxt, left = [0] * w, 0, min(skip, sum(counts))
+        while left:
+            if skips[nxt] < counts[nxt]:
+                skips[nxt] += 1
+                left -= 1
+            nxt = (nxt + 1) % w
+        for _ in range(w):  # the next slot with batches left (any slot when the epoch is done)
+            if skips[nxt] < counts[nxt]:
+                break
+            nxt = (nxt + 1) % w
+        return skips, nxt
 
     # -- iteration ---------------------------------------------------------------------------
     def _blocks(self, slot: int, num_slots: int, epoch: int) -> Iterator[tuple[TaskChunk, np.ndarray]]:
@@ -273,10 +333,15 @@ class TaskStreamDataset(IterableDataset):
     def _batches(self, info: Any) -> Iterator[TaskBatch]:
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         split = self._split_batches
+        epoch = self.epoch
+        # resuming mid-epoch: leave out what was delivered, and rotate the slots so that the
+        # DataLoader's round-robin continues with the slot that was next (see ``resume_plan``)
+        skips, first = self.resume_plan(num_workers if info is not None else 0, epoch, self.skip)
+        local = (worker + first) % num_workers
+        to_skip = skips[local]
         # rank_split="batches": read like one process (slots = workers), then keep this rank's block
         num_slots = num_workers if split else self.world_size * num_workers
-        slot = worker if split else self.rank * num_workers + worker
-        epoch = self.epoch
+        slot = local if split else self.rank * num_workers + local
         # decoded shards still holding tasks that have not been batched, by shard id
         live: dict[int, TaskChunk] = {}
         left: dict[int, int] = {}
@@ -316,6 +381,14 @@ class TaskStreamDataset(IterableDataset):
                     del live[cid], left[cid]  # release the decoded shard
             return collate_chunk_runs(runs)
 
+        def batch(cids: np.ndarray, idx: np.ndarray) -> TaskBatch | None:
+            nonlocal to_skip
+            if to_skip:  # delivered before the resume: release its shards, build nothing
+                to_skip -= 1
+                release(cids)
+                return None
+            return collate(cids, idx)
+
         stream = handles()
         if self.shuffle and self.shuffle_buffer > 1:
             stream = self._shuffled(stream, np.random.default_rng([self.seed, epoch, slot, 1]))
@@ -325,15 +398,19 @@ class TaskStreamDataset(IterableDataset):
             pend_c, pend_i = np.concatenate([pend_c, c]), np.concatenate([pend_i, i])
             start = 0
             while len(pend_c) - start >= b:
-                yield collate(pend_c[start : start + b], pend_i[start : start + b])
+                out = batch(pend_c[start : start + b], pend_i[start : start + b])
+                if out is not None:
+                    yield out
                 start += b
             pend_c, pend_i = pend_c[start:], pend_i[start:]
         if len(pend_c) and not self.drop_last:
-            yield collate(pend_c, pend_i)
-        if self.equal_batches and worker == 0:
+            out = batch(pend_c, pend_i)
+            if out is not None:
+                yield out
+        if self.equal_batches and local == 0:
             workers = num_workers if info is not None else 0
             missing = self.num_batches(workers, epoch) - self.rank_batches(self.rank, workers, epoch)
-            for _ in range(missing):
+            for _ in range(max(0, missing - to_skip)):
                 yield dummy_batch(self.schema)
 
 
@@ -363,6 +440,20 @@ class _FromWire:
         return batch_from_arrays(item.arrays, item.task_ids) if isinstance(item, WireBatch) else item
 
 
+@dataclass(frozen=True)
+class Position:
+    """Where a training stream stands: ``batches`` of ``epoch`` delivered to training steps that
+    finished, and whether that was the whole epoch (then the next iteration starts ``epoch + 1``)."""
+
+    epoch: int
+    batches: int
+    epoch_done: bool
+
+    def next_iteration(self) -> tuple[int, int]:
+        """(epoch, batches to leave out) of the iteration that continues from here."""
+        return (self.epoch + 1, 0) if self.epoch_done else (self.epoch, self.batches)
+
+
 class TaskDataLoader(DataLoader):
     """A DataLoader of ``TaskBatch``es that sets the dataset's epoch each time it is iterated.
 
@@ -371,6 +462,10 @@ class TaskDataLoader(DataLoader):
     epoch): the dataset keeps its epoch in shared memory, set before the workers resume. The loader
     has no ``len``: padded batch counts can change per epoch, and a stale length would make
     Lightning stop early and skip tasks (``dataset.num_batches()`` gives the exact count).
+
+    ``resume_from(position)`` makes the NEXT iteration continue a checkpointed run: the position's
+    epoch (not ``epoch_fn``'s: Lightning creates the first iterator of a resumed fit before it
+    advances its epoch counter), without the batches already trained on, in the same order.
     """
 
     def __init__(
@@ -379,11 +474,20 @@ class TaskDataLoader(DataLoader):
         super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
         self._epoch_fn = epoch_fn
         self._iterations = 0
+        self._resume: Position | None = None
+
+    def resume_from(self, position: Position | None) -> None:
+        self._resume = position
 
     def __iter__(self) -> Iterator[TaskBatch]:  # type: ignore[override]
-        epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
-        self._iterations += 1
-        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        if self._resume is not None:
+            epoch, skip = self._resume.next_iteration()
+            self._resume = None
+        else:
+            epoch = self._epoch_fn() if self._epoch_fn is not None else self._iterations
+            skip = 0
+        self._iterations = epoch + 1
+        self.dataset.set_epoch(epoch, skip)  # type: ignore[attr-defined]
         it = super().__iter__()
         return _FromWire(it) if self.num_workers > 0 else it
 
@@ -469,6 +573,7 @@ class TaskDataModule(L.LightningDataModule):
         self.schema: Schema | None = None
         self._checked: set[tuple[str, int, int]] = set()  # (split, rank, world) whose sizes were checked
         self._vocab: dict[str, Any] | None = None
+        self._resume: Position | None = None  # from a checkpoint: where the training stream continues
 
     @property
     def remote(self) -> bool:
@@ -532,7 +637,28 @@ class TaskDataModule(L.LightningDataModule):
         vocab = self._vocab_for_checkpoint(info)
         if vocab is not None:
             state["vocab"] = vocab
+        position = self._train_position()
+        if position is not None:
+            state["train_position"] = asdict(position)
         return state
+
+    def _train_position(self) -> Position | None:
+        """The training stream's position when a checkpoint is written during ``fit``.
+
+        Checkpoints are written at step boundaries (after a training step, after validation, at
+        the epoch's end), so "batches delivered" is the number of training steps of this epoch that
+        finished: Lightning's ``batch_progress.current.processed``. The epoch is done once its last
+        batch was processed (the stream ran out, or ``limit_train_batches`` was reached).
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        epoch_loop = trainer.fit_loop.epoch_loop
+        progress = epoch_loop.batch_progress
+        done = bool(progress.is_last_batch) or epoch_loop._num_ready_batches_reached()
+        return Position(
+            epoch=int(trainer.current_epoch), batches=int(progress.current.processed), epoch_done=done
+        )
 
     def _vocab_for_checkpoint(self, info: dict[str, Any]) -> dict[str, Any] | None:
         """``vocab.json`` if it is small enough to travel in a checkpoint (fetched once for URLs)."""
@@ -551,7 +677,13 @@ class TaskDataModule(L.LightningDataModule):
         return self._vocab or None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resuming on other shards than the checkpoint's is an error, not a silent mismatch."""
+        """Resuming on other shards than the checkpoint's is an error, not a silent mismatch.
+
+        The training position is kept for the next ``train_dataloader()``: its first iteration
+        continues exactly where the checkpointed run stood (``TaskDataLoader.resume_from``).
+        """
+        position = state.get("train_position")
+        self._resume = Position(**position) if position else None
         want = state.get("vocab_sha256")
         have = (self.manifest.data.get("vocab", {}) if self.manifest is not None else {}).get("sha256")
         if want and have and want != have:
@@ -663,7 +795,10 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> TaskDataLoader:
-        return self._loader("train")
+        loader = self._loader("train")
+        loader.resume_from(self._resume)
+        self._resume = None  # only the first loader of a resumed fit continues mid-stream
+        return loader
 
     def val_dataloader(self) -> TaskDataLoader:
         return self._loader("val")
