@@ -648,9 +648,9 @@ def prepare_shards(
 ) -> Path:
     """Build shards from ``source`` unless ``out_dir`` already holds a manifest for the same inputs.
 
-    ``engine``: ``duckdb`` (out of core, ``gmeta.data.build``; ``build_options`` a ``BuildOptions``)
-    or ``pandas`` (the in-memory reference builder). Both produce the same tasks, so the engine
-    is not part of the inputs compared with an existing manifest.
+    ``engine``: ``duckdb`` (out of core, ``gmeta.data.build``; ``build_options`` a ``BuildOptions``),
+    ``spark`` (the same plan on Apache Spark) or ``pandas`` (the in-memory reference builder). All
+    produce the same tasks, so the engine is not part of the inputs compared with an existing manifest.
 
     An existing manifest built from another source, task config or seed is an error (stale shards)
     unless ``force`` is set, which rebuilds from scratch. Shards of an older format version are
@@ -680,8 +680,8 @@ def prepare_shards(
             )
         log.info("shards already present in %s", out)
         return out
-    if engine not in ("duckdb", "pandas"):
-        raise ValueError(f"data.engine must be 'duckdb' or 'pandas', got {engine!r}")
+    if engine not in ("duckdb", "pandas", "spark"):
+        raise ValueError(f"data.engine must be 'duckdb', 'pandas' or 'spark', got {engine!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
@@ -707,6 +707,7 @@ def prepare_shards(
                 tasks_per_shard=tasks_per_shard,
                 source_description=want["source"],
                 options=options,
+                engine=engine,
             )
         if not any(manifest["splits"][s]["tasks"] for s in SPLITS):
             raise SchemaError(

@@ -1,4 +1,9 @@
-"""Run a build: a source -> relational plan (DuckDB) -> partitions written by a process pool -> manifest."""
+"""Run a build: a source -> relational plan -> partitions written into shards -> manifest (last).
+
+``duckdb`` (the default): DuckDB plans in this process, a process pool writes the partitions.
+``spark``: Spark plans and its executors write the partitions (``spark_plan``); the manifest is
+merged here, on the driver, from what the partition writers return.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import numpy as np
 
 from gmeta.data.build.duckdb_plan import ROW, DuckDBPlanner
 from gmeta.data.build.partitions import PartitionJob, write_partition
+from gmeta.data.build.plan import PlanResult
 from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import STATES, Schema, SchemaError
 from gmeta.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, VOCAB
@@ -26,8 +32,9 @@ from gmeta.data.tasks import SPLITS, TaskConfig, format_stats
 
 log = logging.getLogger(__name__)
 
-#: ``pandas``: the in-memory reference builder; ``duckdb``: the out-of-core one (the default)
-ENGINES: tuple[str, ...] = ("duckdb", "pandas")
+#: ``pandas``: the in-memory reference builder; ``duckdb``: the out-of-core one (the default);
+#: ``spark``: the same plan on Apache Spark (the ``spark`` extra), beyond one machine
+ENGINES: tuple[str, ...] = ("duckdb", "pandas", "spark")
 
 
 @dataclass
@@ -40,6 +47,9 @@ class BuildOptions:
         workers: processes writing partitions (None: all cores; 1: in this process).
         rows_per_partition: input rows per partition (the unit a worker holds in memory).
         temp_dir: spill folder (None: a folder inside the build's temporary output folder).
+        spark_master: ``data.engine=spark`` only: the master of a session the build starts
+            (None: the one ``spark-submit`` gave, else ``local[*]``); an active session is reused.
+        spark_conf: ``data.engine=spark`` only: extra Spark settings for a session the build starts.
     """
 
     memory_limit: str = "3GB"
@@ -47,6 +57,8 @@ class BuildOptions:
     workers: int | None = None
     rows_per_partition: int = 2_000_000
     temp_dir: str | None = None
+    spark_master: str | None = None
+    spark_conf: dict[str, Any] | None = None
 
 
 def register_source(con: duckdb.DuckDBPyConnection, source: Source) -> Schema:
@@ -96,18 +108,30 @@ def build_shards(
     tasks_per_shard: int = 256,
     source_description: dict[str, Any] | None = None,
     options: BuildOptions | None = None,
+    engine: str = "duckdb",
 ) -> dict[str, Any]:
     """Build all splits' shards, ``vocab.json`` and ``manifest.json`` (last) in ``out_dir``.
 
-    ``out_dir`` should be a fresh temporary folder that the caller renames into place
-    (``gmeta.data.shards.prepare_shards`` does): scratch files live inside it until the end.
+    ``engine``: ``duckdb`` or ``spark``. ``out_dir`` should be a fresh temporary folder that the
+    caller renames into place (``gmeta.data.shards.prepare_shards`` does): scratch files live
+    inside it until the end.
     """
     if tasks_per_shard < 1:
         raise ValueError("tasks_per_shard must be >= 1")
+    if engine not in ("duckdb", "spark"):
+        raise ValueError(f"build engine must be 'duckdb' or 'spark', got {engine!r}")
     options = options or BuildOptions()
     out = Path(out_dir)
     scratch = out / "_build"
     scratch.mkdir(parents=True, exist_ok=True)
+    if engine == "spark":
+        from gmeta.data.build.spark_plan import run_spark  # pyspark is an optional extra
+
+        try:
+            plan, results = run_spark(source, task_config, out, scratch, seed, tasks_per_shard, options)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return write_manifest(out, plan, results, task_config, seed, source_description, engine)
     try:
         con = _connect(options, scratch)
         try:
@@ -140,7 +164,19 @@ def build_shards(
                 results = list(pool.map(write_partition, jobs))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return write_manifest(out, plan, results, task_config, seed, source_description, engine)
 
+
+def write_manifest(
+    out: Path,
+    plan: PlanResult,
+    results: list[dict[str, Any]],
+    task_config: TaskConfig,
+    seed: int,
+    source_description: dict[str, Any] | None,
+    engine: str,
+) -> dict[str, Any]:
+    """Merge the partition writers' results (in partition order) into ``vocab.json`` and ``manifest.json`` (last)."""
     counts = _merge_counts(results)
     stats = {**plan.stats, "counts": counts, "warm_eval_held_out": sum(r["held_out"] for r in results)}
     if not any(counts[s][st]["tasks"] for s in SPLITS for st in STATES):
@@ -155,7 +191,7 @@ def build_shards(
         "counts": counts,
         "filtered": plan.stats["filtered"],
         "stats": {k: v for k, v in stats.items() if k not in ("counts", "filtered")},
-        "build": {"engine": "duckdb", "partitions": plan.partitions},
+        "build": {"engine": engine, "partitions": plan.partitions},
         "splits": {},
     }
     for split in SPLITS:
