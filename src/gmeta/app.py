@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gmeta.data.schema import SchemaError
@@ -99,6 +101,9 @@ def train(cfg: DictConfig) -> float | None:
         except TrainingInterrupted:  # a signal: checkpoint saved, exit 128 + signal (not 0)
             shutdown_process_group()
             raise
+        except SIGTERMException as e:  # Lightning's own SIGTERM handling (outside StopOnSignal's
+            shutdown_process_group()  # window, or without it) would end the run with status 0
+            raise TrainingInterrupted(signal.SIGTERM, None) from e
         shutdown_process_group()  # multi-process runs: a clean gloo exit (and room for the next job)
     name = cfg.get("optimized_metric")
     if not name:
@@ -139,7 +144,11 @@ def _train(cfg: DictConfig) -> dict[str, float]:
 def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     """Evaluate the checkpoint ``cfg.ckpt_path`` on ``cfg.split`` (test or val) of ``cfg.data``."""
     with isolated_launch_env():
-        records = _evaluate(cfg)
+        try:
+            records = _evaluate(cfg)
+        except SIGTERMException as e:  # Lightning ends a SIGTERM'd run with status 0: not a success
+            shutdown_process_group()
+            raise TrainingInterrupted(signal.SIGTERM, None) from e
         shutdown_process_group()
     return records
 

@@ -24,8 +24,8 @@ from entry_points import ROOT
 from faults import Killed
 from hydra import compose, initialize_config_dir
 
-from gmeta.app import _train
-from gmeta.parallel.launch import LAUNCH_ENV, isolated_launch_env
+from gmeta.app import train
+from gmeta.parallel.launch import LAUNCH_ENV
 from gmeta.parallel.requeue import StopOnSignal, TrainingInterrupted
 
 EPOCHS = 2
@@ -74,8 +74,7 @@ def train_in_process(tmp: Path, run: str, *overrides: str) -> Path:
                 *overrides,
             ],
         )
-    with isolated_launch_env():
-        _train(cfg)
+    train(cfg)  # what train.py runs
     return tmp / run
 
 
@@ -198,6 +197,17 @@ def test_a_signal_saves_the_latest_state_at_the_next_step_and_exits_non_zero(
     assert ckpt["global_step"] == 5  # the step that was running when the signal came, completed
     assert ckpt["TaskDataModule"]["train_position"] == {"epoch": 0, "batches": 5, "epoch_done": False}
     assert not (tmp / run / "cold_start_metrics.json").exists()  # no test after an interrupted fit
+
+
+def test_sigterm_without_stop_on_signal_still_exits_143(reference: dict) -> None:
+    """Lightning's own SIGTERM handling ends in SystemExit(0); the app turns it into 143."""
+    tmp = reference["tmp"]
+    with pytest.raises(TrainingInterrupted) as info:
+        train_in_process(
+            tmp, "lightning_sigterm", "callbacks.stop_on_signal=null", *fault("train_batch_start", 2, "TERM")
+        )
+    assert info.value.code == 143
+    assert not (tmp / "lightning_sigterm" / "cold_start_metrics.json").exists()
 
 
 # -- slow: train.py subprocesses, real signals ------------------------------------------------------
