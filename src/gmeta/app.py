@@ -21,6 +21,11 @@ from gmeta.meta.module import MetaDLRMModule
 from gmeta.parallel import shutdown_process_group  # also registers trainer.strategy=hybrid_parallel
 from gmeta.parallel.launch import is_global_rank_zero, isolated_launch_env, wait_for_children
 from gmeta.parallel.requeue import TrainingInterrupted
+from gmeta.parallel.sharded_checkpoint import (
+    checkpoint_metadata,
+    is_sharded_checkpoint,
+    load_lightning_module,
+)
 from gmeta.report import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -156,9 +161,7 @@ def evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
 def check_checkpoint_vocabulary(ckpt: Path, datamodule: Any) -> None:
     """The shards' vocabulary must be the checkpoint's: with another one (even of the same sizes)
     every id would silently select another embedding row."""
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = checkpoint_metadata(ckpt)  # a sharded checkpoint: its meta.pt (the rows are not needed)
     want = next(
         (v.get("vocab_sha256") for v in state.values() if isinstance(v, dict) and "vocab_sha256" in v), None
     )
@@ -185,21 +188,24 @@ def _evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split must be 'test' or 'val', got {cfg.split!r}")
     ckpt = Path(cfg.ckpt_path)
-    if not ckpt.is_file():
+    if not ckpt.exists():  # a file, or a sharded checkpoint directory
         raise InputFileError(f"checkpoint not found: {ckpt} (ckpt_path)")
     datamodule = build_datamodule(cfg)
-    model = MetaDLRMModule.load_from_checkpoint(ckpt, map_location="cpu")
+    trainer = build_trainer(cfg)
+    # A sharded checkpoint on several processes: each rank reads only its rows (trainer.test's
+    # ckpt_path); on one process it is read whole.
+    per_rank = is_sharded_checkpoint(ckpt) and trainer.world_size > 1
+    model, _ = load_lightning_module(MetaDLRMModule, ckpt, rows=not per_rank)
     if model.schema.to_dict()["fields"] != datamodule.schema.to_dict()["fields"]:
         raise SchemaError(
             f"checkpoint {ckpt} was trained on a different schema than the shards in {datamodule.data_dir}: "
             "evaluate it with the data config it was trained on"
         )
     check_checkpoint_vocabulary(ckpt, datamodule)
-    trainer = build_trainer(cfg)
     if cfg.split == "val":
         # validation metrics are logged only; run them through the test path to get records
         datamodule.test_dataloader = datamodule.val_dataloader  # type: ignore[method-assign]
-    trainer.test(model, datamodule=datamodule)
+    trainer.test(model, datamodule=datamodule, ckpt_path=str(ckpt) if per_rank else None)
     records = _report(model, trainer, output_dir, f"{cfg.split}: {model.meta_config.name} ({ckpt})")
     wait_for_children(trainer.strategy.launcher)
     if cfg.get("report", False) and trainer.world_size > 1:

@@ -1,8 +1,11 @@
-"""The ``gmeta`` command line: ``gmeta adapt`` scores candidate items for new users (``gmeta.serve``).
+"""The ``gmeta`` command line: ``gmeta adapt`` scores candidate items for new users (``gmeta.serve``);
+``gmeta export`` writes a sharded checkpoint directory as one checkpoint file.
 
     gmeta adapt --ckpt logs/movielens_maml/runs/<ts>/checkpoints/last.ckpt \\
         --support support.csv --candidates candidates.csv [--items items.csv] \\
         [--user-columns gender,age,occupation,zip3] [--data-dir data/movielens1m/shards] [--out scores.csv]
+
+    gmeta export --ckpt logs/.../checkpoints/last.ckpt --out model.ckpt
 
 Training and evaluation stay Hydra entry points (``train.py`` / ``eval.py``).
 """
@@ -145,11 +148,45 @@ def adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="consolidate a sharded checkpoint directory into one checkpoint file",
+        description=(
+            "Read a sharded checkpoint (a directory written by HybridParallelStrategy with "
+            "checkpoint_format=sharded) whole and write it as ONE ordinary Lightning checkpoint file with full "
+            "tables, vocabulary and task config included, for eval.py, gmeta adapt or any single process. "
+            "Needs memory for the whole model."
+        ),
+    )
+    p.add_argument(
+        "--ckpt", required=True, type=Path, help="sharded checkpoint directory (e.g. .../last.ckpt/)"
+    )
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    p.set_defaults(func=export)
+
+
+def export(args: argparse.Namespace) -> int:
+    """``gmeta export``: returns the exit status."""
+    from gmeta.parallel.sharded_checkpoint import CheckpointError, export_checkpoint  # torch: load late
+
+    if not args.ckpt.exists():
+        raise FileNotFoundError(f"checkpoint not found: {args.ckpt}")
+    try:
+        out = export_checkpoint(args.ckpt, args.out)
+    except CheckpointError as e:
+        print(f"gmeta export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gmeta", description="gmeta: meta-learning DLRM tools")
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     sub = parser.add_subparsers(dest="command", required=True)
     _adapt_parser(sub)
+    _export_parser(sub)
     return parser
 
 

@@ -462,16 +462,18 @@ class FewShotAdapter:
         batch_users: int = 256,
         label_threshold: float | None | str = "training",
     ) -> FewShotAdapter:
-        """Load a Lightning checkpoint and its training encoding.
+        """Load a Lightning checkpoint (a file or a sharded directory) and its training encoding.
 
         ``label_threshold``: ``"training"`` uses the training data's threshold (the manifest's task
         config); a number or None overrides it (None: support labels must be 0/1).
         """
         path = Path(ckpt_path)
-        if not path.is_file():
+        if not path.exists():
             raise ServeError(f"checkpoint not found: {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        module = MetaDLRMModule.load_from_checkpoint(path, map_location="cpu")
+        from gmeta.parallel.sharded_checkpoint import load_lightning_module
+
+        # a file, or a sharded checkpoint directory read whole (gmeta.parallel.sharded_checkpoint)
+        module, checkpoint = load_lightning_module(MetaDLRMModule, path)
         enc = load_encoding(module.schema, checkpoint, data_dir=data_dir, ckpt_path=path)
         if label_threshold != "training":
             enc = Encoding(

@@ -13,6 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from launch import log_tail, run_group
+from worker import Recorder
+
+from gmeta.cli import main as cli_main
+from gmeta.meta.module import MetaDLRMModule
+from gmeta.parallel.sharded_checkpoint import load_lightning_module
 
 ALGOS = ["maml", "fomaml", "none"]
 STEPS = 5
@@ -127,6 +132,80 @@ def test_checkpoint_from_two_ranks_resumes_on_one_and_four(tmp_path):
         torch.testing.assert_close(pred, ref_pred, rtol=1e-10, atol=1e-12)
         state = torch.load(out / "state_maml.pt")
         for key in ref_state:
+            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+# -- sharded checkpoints (DCP): written per rank, resharded on load (issue 11) ---------------------
+
+
+def _saved_rows(ckpt: Path) -> dict[str, list[int]]:
+    """Per row buffer, the global rows the checkpoint's blocks hold (with repeats, if any)."""
+    from gmeta.parallel.sharded_checkpoint import META_FILE
+
+    info = torch.load(ckpt / META_FILE, weights_only=False)["gmeta_sharded"]
+    world, layout = info["world_size"], info["tables"]["embedding"]
+    import torch.distributed.checkpoint as dcp
+
+    keys = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    rows: dict[str, list[int]] = {}
+    for key, md in keys.items():
+        buf, rank, start = key.removeprefix("embedding.").split("/")
+        r, k0 = int(rank.removeprefix("rank")), int(start.removeprefix("rows"))
+        rows.setdefault(buf, []).extend(r + (k0 + i) * world for i in range(md.size[0]))
+    assert set(rows) == set(layout["buffers"])
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("saved_on", "resumed_on"), [(2, (1, 4)), pytest.param(4, (2,), marks=pytest.mark.slow)]
+)
+def test_sharded_checkpoint_resumes_on_other_world_sizes_exactly(tmp_path, saved_on, resumed_on):
+    """N ranks save (each its rows); M ranks load (each reads only its rows): the next step, the
+    adapted predictions and every row after it equal continuing on N (float64, 1e-10)."""
+    from gmeta.parallel.sharded_checkpoint import consolidate
+
+    ckpt = tmp_path / "step5.ckpt"
+    base = {"scenario": "train", "algos": ["maml"], "checkpoint_format": "sharded"}
+    ref_dir = tmp_path / f"w{saved_on}"
+    spec = {**base, "world": saved_on, "steps": 6, "save_at": 5, "ckpt": str(ckpt)}
+    ref = _ok(run_group(spec, ref_dir), ref_dir)
+    assert ckpt.is_dir() and not list(tmp_path.glob(".step5.ckpt.*"))  # renamed into place, no leftovers
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == [f"__{r}_0.distcp" for r in range(saved_on)]
+    num_rows = sum((40, 31, 23, 12))
+    for buf, rows in _saved_rows(ckpt).items():  # every row saved exactly once
+        assert sorted(rows) == list(range(num_rows)), buf
+    # one process reading it whole gets exactly the state the N ranks held
+    saved = torch.load(ref_dir / "saved_state.pt")
+    whole = consolidate(ckpt)["state_dict"]
+    assert whole.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(whole[key], saved[key], rtol=0, atol=0, msg=key)
+
+    ref_next = global_losses(ref, "maml")[5]
+    ref_pred = torch.cat([torch.load(ref_dir / f"pred_maml_rank{r}.pt") for r in range(saved_on)])
+    ref_state = torch.load(ref_dir / "state_maml.pt")
+
+    # consumers on one process: the directory read whole (eval.py, gmeta adapt), and gmeta export's file
+    exported = tmp_path / "exported.ckpt"
+    assert cli_main(["export", "--ckpt", str(ckpt), "--out", str(exported)]) == 0
+    assert exported.is_file() and torch.load(exported, weights_only=False)["global_step"] == 5
+    for source in (ckpt, exported):
+        module, _ = load_lightning_module(MetaDLRMModule, source)
+        module = module.double()
+        pred = Recorder({}, rank=0, world=1).predict_eval_batch(module)
+        torch.testing.assert_close(pred, ref_pred, rtol=1e-10, atol=1e-12, msg=str(source))
+
+    for world in resumed_on:
+        out = tmp_path / f"resume{world}"
+        spec = {**base, "world": world, "steps": 6, "first_step": 5, "resume_from": str(ckpt)}
+        results = _ok(run_group(spec, out), out)
+        losses = global_losses(results, "maml")
+        torch.testing.assert_close(losses, ref_next[None], rtol=1e-10, atol=0)
+        pred = torch.cat([torch.load(out / f"pred_maml_rank{r}.pt") for r in range(world)])
+        torch.testing.assert_close(pred, ref_pred, rtol=1e-10, atol=1e-12)
+        state = torch.load(out / "state_maml.pt")
+        assert state.keys() == ref_state.keys()
+        for key in ref_state:  # all rows, none dropped or duplicated, and their optimizer state
             torch.testing.assert_close(state[key], ref_state[key], rtol=1e-10, atol=1e-12, msg=key)
 
 

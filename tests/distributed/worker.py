@@ -6,8 +6,11 @@ contiguous block of tasks, and writes what the test compares into ``SPEC["out_di
 
 * ``train``:  losses per step (with this rank's loss weight) and, from rank 0, the gathered full state
   (dense parameters and every embedding row, with optimizer state) after the steps; optionally
-  saves a checkpoint after ``save_at`` steps and the adapted predictions at that point, or resumes
-  from ``resume_from`` and records the predictions before its first step.
+  saves a checkpoint (``checkpoint_format``: auto, full or sharded) after ``save_at`` steps, with the
+  adapted predictions and the gathered state at that point, or resumes from ``resume_from`` and
+  records the predictions before its first step.
+* ``memory``: ``train`` on a large float32 table (``vocabs``, ``dim``), recording each rank's peak RSS
+  instead of the gathered state.
 * ``audit``:  the collectives of one meta-step, through the communicator and counted at
   ``torch.distributed`` itself.
 * ``bad_ids``: rank 1 gets an out-of-range id; every rank records the error it raised.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import traceback
@@ -67,23 +71,25 @@ DIST_FUNCTIONS = (
 )
 
 
-def schema_dict() -> dict[str, Any]:
+def schema_dict(vocabs: tuple[int, ...] = VOCABS) -> dict[str, Any]:
     names = ("user", "item", "genre", "tag")
     kinds = ("sparse", "sparse", "multi_hot", "multi_hot")
     fields = [
         {"name": n, "kind": k, "vocab_size": v, "max_len": 3 if k == "multi_hot" else 1}
-        for n, k, v in zip(names, kinds, VOCABS, strict=True)
+        for n, k, v in zip(names, kinds, vocabs, strict=True)
     ]
     fields += [{"name": f"d{i}", "kind": "dense"} for i in range(3)]
     return {"task_key": "user", "label": "rating", "time": None, "fields": fields}
 
 
-def make_module(algo: str, meta_overrides: dict[str, Any] | None = None) -> MetaDLRMModule:
+def make_module(
+    algo: str, meta_overrides: dict[str, Any] | None = None, vocabs: tuple[int, ...] = VOCABS, dim: int = 4
+) -> MetaDLRMModule:
     torch.manual_seed(1234)  # same initial weights on every rank and world size
     return MetaDLRMModule(
-        schema=schema_dict(),
+        schema=schema_dict(vocabs),
         meta={**META[algo], **(meta_overrides or {})},
-        embedding_dim=4,
+        embedding_dim=dim,
         bottom_mlp=(8,),
         top_mlp=(8,),
         init_std=0.3,
@@ -92,11 +98,11 @@ def make_module(algo: str, meta_overrides: dict[str, Any] | None = None) -> Meta
     )
 
 
-def global_batch(step: int) -> TaskBatch:
+def global_batch(step: int, vocabs: tuple[int, ...] = VOCABS) -> TaskBatch:
     gen = torch.Generator().manual_seed(100 + step)
     support = torch.randint(1, 7, (TASKS_PER_BATCH,), generator=gen).tolist()
     query = torch.randint(1, 5, (TASKS_PER_BATCH,), generator=gen).tolist()
-    return random_batch(1000 + step, support, query, vocab_sizes=VOCABS, num_sparse=2)
+    return random_batch(1000 + step, support, query, vocab_sizes=vocabs, num_sparse=2)
 
 
 def select_tasks(batch: TaskBatch, lo: int, hi: int) -> TaskBatch:
@@ -112,9 +118,9 @@ def select_tasks(batch: TaskBatch, lo: int, hi: int) -> TaskBatch:
     )
 
 
-def local_batch(step: int, rank: int, world: int) -> TaskBatch:
+def local_batch(step: int, rank: int, world: int, vocabs: tuple[int, ...] = VOCABS) -> TaskBatch:
     k = TASKS_PER_BATCH // world
-    return select_tasks(global_batch(step), rank * k, (rank + 1) * k)
+    return select_tasks(global_batch(step, vocabs), rank * k, (rank + 1) * k)
 
 
 class Recorder(L.Callback):
@@ -136,7 +142,7 @@ class Recorder(L.Callback):
         ).detach()
 
     def on_train_start(self, trainer: L.Trainer, module: MetaDLRMModule) -> None:
-        if self.spec.get("resume_from"):
+        if self.spec.get("resume_from") and self.spec["scenario"] != "memory":
             self.predictions = self.predict_eval_batch(module)
 
     # -- raw collective counting (audit) --------------------------------------------------------
@@ -187,7 +193,15 @@ class Recorder(L.Callback):
         self.losses.append({"loss": float(loss), "weight": module.loss_weight(batch)})
         if self.spec.get("save_at") == trainer.global_step:
             trainer.save_checkpoint(self.spec["ckpt"])
+            if self.spec["scenario"] == "memory":
+                return
             self.predictions = self.predict_eval_batch(module)
+            state = gathered_state_dict(module, module.state_dict())  # what the checkpoint must hold
+            if self.rank == 0:
+                torch.save(
+                    {k: v.detach().cpu() for k, v in state.items()},
+                    Path(self.spec["out_dir"]) / "saved_state.pt",
+                )
 
 
 #: Trainer settings for training on prepared batches only (no logs, checkpoints, validation)
@@ -216,32 +230,42 @@ def batch_loader(batches: list[TaskBatch]) -> DataLoader:
 def run(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     world = spec["world"]
     out: dict[str, Any] = {}
+    vocabs = tuple(spec.get("vocabs", VOCABS))
+    float64 = spec.get("float64", True)
     for algo in spec["algos"]:
-        # float64 before fit: Lightning restores a checkpoint before the precision plugin converts
-        module = make_module(algo, spec.get("meta_overrides")).double()
+        module = make_module(algo, spec.get("meta_overrides"), vocabs, spec.get("dim", 4))
+        if float64:  # before fit: Lightning restores a checkpoint before the precision plugin converts
+            module = module.double()
         steps = spec["steps"]
         first = spec.get("first_step", 0)
-        batches = [local_batch(s, rank, world) for s in range(first, steps)]
+        batches = [local_batch(s, rank, world, vocabs) for s in range(first, steps)]
         if spec["scenario"] == "bad_ids" and rank == 1:
             batches[0].query.sparse[1, 0, 1] = VOCABS[1] + 5  # item id out of range
         recorder = Recorder(spec, rank, world)
         trainer = L.Trainer(
             accelerator="cpu",
             devices=world,
-            strategy=HybridParallelStrategy(collective_timeout_s=spec.get("timeout_s", 60)),
-            precision="64-true",
+            strategy=HybridParallelStrategy(
+                collective_timeout_s=spec.get("timeout_s", 60),
+                checkpoint_format=spec.get("checkpoint_format", "auto"),
+            ),
+            precision="64-true" if float64 else "32-true",
             max_steps=steps,
             callbacks=[recorder],
             **BARE_TRAINER,
         )
         loader = batch_loader(batches)
         trainer.fit(module, train_dataloaders=loader, ckpt_path=spec.get("resume_from"))
+        out[algo] = {"losses": recorder.losses, "audits": recorder.audits}
+        if spec["scenario"] == "memory":  # peak resident memory of this process, in bytes
+            out[algo]["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            out[algo]["local_rows"] = module.embedding.num_local_rows
+            continue  # gathering the whole state is what this scenario must never do
         state = gathered_state_dict(module, module.state_dict())
         if rank == 0:
             torch.save(
                 {k: v.detach().cpu() for k, v in state.items()}, Path(spec["out_dir"]) / f"state_{algo}.pt"
             )
-        out[algo] = {"losses": recorder.losses, "audits": recorder.audits}
         if recorder.predictions is not None:
             torch.save(recorder.predictions, Path(spec["out_dir"]) / f"pred_{algo}_rank{rank}.pt")
     return out

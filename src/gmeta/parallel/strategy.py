@@ -2,18 +2,24 @@
 
 What it does on top of Lightning's ``DDPStrategy`` (process launch, process group, ranks):
 
-* ``setup``: replaces every ``EmbeddingCollection`` of the LightningModule by its row shard
-  (``ShardedEmbeddingCollection``: lookups and row gradients go through AlltoAll), and broadcasts the
-  dense parameters from rank 0 so the replicas start equal. The module is NOT wrapped in
+* ``setup_environment`` (right after the process group starts, before the module's
+  ``configure_model`` and any checkpoint restore): replaces every ``EmbeddingCollection`` of the
+  LightningModule by its row shard (``ShardedEmbeddingCollection``: lookups and row gradients go
+  through AlltoAll). A deferred (meta) table is built here, each rank allocating and initialising only
+  its own rows from rank 0's init seed: the whole table never exists on any rank.
+* ``setup``: broadcasts the dense parameters from rank 0 so the replicas start equal. The module is NOT wrapped in
   ``DistributedDataParallel``: DDP would broadcast the table buffers from rank 0 (losing the other
   ranks' rows) and reduce on every ``backward``, while the meta step wants exactly one reduction.
 * ``optimizer_step``: ONE all_reduce (sum) of all dense gradients flattened into one buffer, then the
   optimizer step. The module scales its loss by ``lookup.loss_share`` (this rank's share of the global
   task count), so the sum is the gradient of the global mean loss, exactly as on one process, also
   when ranks hold different numbers of real tasks.
-* checkpoints: ``lightning_module_state_dict`` gathers every sharded table into the full table, so a
-  checkpoint is the same file as a single-process one; loading takes each rank's own rows (a run on N
-  ranks resumes on M).
+* checkpoints (``checkpoint_format``): ``sharded`` writes a directory through
+  ``torch.distributed.checkpoint``, each rank its own rows (``parallel/sharded_checkpoint.py``), and
+  loads one on any number of ranks, each reading only its rows; ``full`` gathers every table into the
+  file a single process writes (each rank holds the whole table for a moment); ``auto`` (default) is
+  ``sharded`` when the tables and their row state exceed ``gather_limit_bytes``. Both formats load on
+  any world size.
 * ``reduce`` / ``barrier`` / ``broadcast`` go through the same ``Communicator`` as the meta-step
   collectives: failures name the collective and the rank, and time out after ``collective_timeout_s``.
 
@@ -23,7 +29,9 @@ Only manual optimization is supported (the meta step's backward happens in ``tra
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +45,12 @@ from torch.optim import Optimizer
 
 from gmeta.parallel.comm import Communicator
 from gmeta.parallel.launch import HydraJobLauncher
+from gmeta.parallel.sharded_checkpoint import (
+    is_sharded_checkpoint,
+    load_sharded_into,
+    save_sharded,
+    tables_of,
+)
 from gmeta.parallel.sharded_embedding import gathered_state_dict, shard_embeddings
 
 log = logging.getLogger(__name__)
@@ -48,15 +62,29 @@ class HybridParallelStrategy(DDPStrategy):
     Args:
         collective_timeout_s: how long any collective waits for the other ranks before failing (a rank
             that died or hangs turns into a ``CollectiveError`` on the others after at most this long).
+        checkpoint_format: ``sharded`` (a directory, each rank writes its rows), ``full`` (one file with
+            the gathered tables) or ``auto`` (``sharded`` above ``gather_limit_bytes``).
+        gather_limit_bytes: for ``auto``: the largest tables (weights + row state, all tables) that
+            are still gathered into one file.
         **kwargs: passed to ``DDPStrategy`` (``accelerator``, ``process_group_backend``,
             ``start_method``, ...). DDP-wrapper options (``find_unused_parameters`` ...) do not apply.
     """
 
     strategy_name = "hybrid_parallel"
 
-    def __init__(self, collective_timeout_s: float = 1800.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        collective_timeout_s: float = 1800.0,
+        checkpoint_format: str = "auto",
+        gather_limit_bytes: int = 2**30,
+        **kwargs: Any,
+    ) -> None:
         if collective_timeout_s <= 0:
             raise ValueError(f"collective_timeout_s must be > 0, got {collective_timeout_s}")
+        if checkpoint_format not in ("auto", "sharded", "full"):
+            raise ValueError(f"checkpoint_format must be auto, sharded or full, got {checkpoint_format!r}")
+        self.checkpoint_format = checkpoint_format
+        self.gather_limit_bytes = int(gather_limit_bytes)
         kwargs.setdefault("timeout", timedelta(seconds=collective_timeout_s))
         super().__init__(**kwargs)
         self.collective_timeout_s = collective_timeout_s
@@ -73,6 +101,20 @@ class HybridParallelStrategy(DDPStrategy):
         super().setup_distributed()
         self.comm = Communicator(timeout_s=self.collective_timeout_s)
 
+    def setup_environment(self) -> None:
+        super().setup_environment()  # the process group
+        if self.model is not None:
+            self._shard_tables()
+
+    def _shard_tables(self) -> None:
+        """Replace every unsharded table by this rank's rows (built here if it was deferred)."""
+        for table in tables_of(self.model).values():  # one seed for all ranks: rank 0's
+            if not hasattr(table, "shard_info"):
+                table.init_seed = self.comm.broadcast_object(table.init_seed, src=0, tag="setup/init_seed")
+        replaced = shard_embeddings(self.model, self.comm)
+        if replaced:
+            log.info("rank %d/%d: row-sharded tables %s", self.comm.rank, self.comm.world_size, replaced)
+
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.accelerator is not None and self.model is not None
         module = self.lightning_module
@@ -82,9 +124,7 @@ class HybridParallelStrategy(DDPStrategy):
                 "manual_backward and optimizer.step itself); set automatic_optimization = False"
             )
         self.accelerator.setup(trainer)
-        replaced = shard_embeddings(self.model, self.comm)  # before moving: only the shard goes to the device
-        if replaced:
-            log.info("rank %d/%d: row-sharded tables %s", self.comm.rank, self.comm.world_size, replaced)
+        self._shard_tables()  # already done in setup_environment; a module connected later is sharded here
         self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._broadcast_dense_parameters()
@@ -132,10 +172,57 @@ class HybridParallelStrategy(DDPStrategy):
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------------
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The module's state with full (gathered) tables: a collective, every rank calls it."""
+    def sharded_checkpoints(self) -> bool:
+        """Whether checkpoints are written sharded (see ``checkpoint_format``); the same on every rank."""
+        if self.checkpoint_format != "auto":
+            return self.checkpoint_format == "sharded"
         assert self.lightning_module is not None
-        return gathered_state_dict(self.lightning_module, self.lightning_module.state_dict())
+        total = 0
+        for table in tables_of(self.lightning_module).values():
+            row_bytes = sum(
+                b[:1].numel() * b.element_size() for n, b in table.named_buffers() if n in table.row_buffers
+            )
+            total += row_bytes * table.num_total_rows
+        return total > self.gather_limit_bytes
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state: this rank's rows (sharded checkpoints), or the full tables gathered (a
+        collective: every rank calls it)."""
+        assert self.lightning_module is not None
+        state = self.lightning_module.state_dict()
+        if self.sharded_checkpoints():
+            return state
+        return gathered_state_dict(self.lightning_module, state)
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Sharded: every rank writes its rows into the directory ``filepath`` (a collective). Full:
+        rank 0 writes the file through the CheckpointIO, as Lightning does."""
+        path = Path(self.broadcast(str(filepath)))
+        if not self.sharded_checkpoints():
+            if self.is_global_zero and is_sharded_checkpoint(path):
+                shutil.rmtree(path)  # the full file replaces an earlier sharded one of the same name
+            return super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+        if storage_options is not None:
+            raise TypeError("sharded checkpoints do not take storage_options (they bypass the CheckpointIO)")
+        assert self.lightning_module is not None
+        save_sharded(checkpoint, path, self.lightning_module, self.comm)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """A sharded checkpoint: each rank reads only its own rows (any saved world size); a file: as
+        Lightning does (each table's ``load_state_dict`` then keeps the owned rows)."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if is_sharded_checkpoint(path):
+            assert self.lightning_module is not None
+            return load_sharded_into(self.lightning_module, path)
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.is_global_zero and is_sharded_checkpoint(filepath):
+            shutil.rmtree(filepath)
+            return
+        super().remove_checkpoint(filepath)
 
     # -- other collectives, through the communicator -----------------------------------------------
     def barrier(self, name: str | None = None, *args: Any, **kwargs: Any) -> None:
