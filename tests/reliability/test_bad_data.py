@@ -72,3 +72,18 @@ def test_a_failed_rebuild_keeps_the_previous_shards(tmp_path: Path) -> None:
         prepare_shards(TabularSource(path, schema), TaskConfig(**TASKS), out, force=True)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert not [p.name for p in tmp_path.glob(".shards-*")]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"engine": "polars"}, r"data.engine must be 'duckdb', 'pandas' or 'spark', got 'polars'"),
+        ({"tasks_per_shard": 0}, r"data.tasks_per_shard must be >= 1, got 0"),
+    ],
+)
+def test_bad_build_options(tmp_path: Path, options: dict, message: str) -> None:
+    path, schema = DataCase("good", "", "").write(tmp_path / "in")
+    out = tmp_path / "shards"
+    with pytest.raises(UserError, match=message):
+        prepare_shards(TabularSource(path, schema), TaskConfig(**TASKS), out, **options)
+    assert_nothing_written(out)

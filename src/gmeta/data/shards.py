@@ -56,6 +56,7 @@ from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import MULTI_HOT_PAD, STATES, Schema, SchemaError
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, TaskSplits, build_tasks
+from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def write_shards(
     val/test keep ``build_tasks`` order.
     """
     if tasks_per_shard < 1:
-        raise ValueError("tasks_per_shard must be >= 1")
+        raise ConfigError(f"data.tasks_per_shard must be >= 1, got {tasks_per_shard}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
@@ -681,7 +682,7 @@ def prepare_shards(
         log.info("shards already present in %s", out)
         return out
     if engine not in ("duckdb", "pandas", "spark"):
-        raise ValueError(f"data.engine must be 'duckdb', 'pandas' or 'spark', got {engine!r}")
+        raise ConfigError(f"data.engine must be 'duckdb', 'pandas' or 'spark', got {engine!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:

@@ -29,6 +29,7 @@ from gmeta.data.schema import STATES, Schema, SchemaError
 from gmeta.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, VOCAB
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, format_stats
+from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def build_shards(
     inside it until the end.
     """
     if tasks_per_shard < 1:
-        raise ValueError("tasks_per_shard must be >= 1")
+        raise ConfigError(f"data.tasks_per_shard must be >= 1, got {tasks_per_shard}")
     if engine not in ("duckdb", "spark"):
         raise ValueError(f"build engine must be 'duckdb' or 'spark', got {engine!r}")
     options = options or BuildOptions()
