@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXPERIMENT ?= movielens_maml
 ARGS ?=
 
-.PHONY: setup data train eval test test-all lint bench clean-data
+.PHONY: setup data train eval test test-all test-slurm lint bench clean-data
 
 setup: $(STAMP)
 
@@ -32,10 +32,20 @@ eval: setup
 	$(PY) eval.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
+# everything; the `slurm` tests run only where a SLURM controller answers (else they are skipped)
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# Real SLURM jobs on a one-node cluster on this machine (root; installs slurm-wlm + munge if missing):
+# start it, run the tests marked `slurm`, stop it whatever they did.
+test-slurm: setup
+	@status=0; \
+	conf="$$(scripts/slurm/local_cluster.sh start)" && eval "$$conf" && \
+	  GMETA_SLURM_REQUIRED=1 $(PY) -m pytest -q -m slurm tests/slurm $(ARGS) || status=$$?; \
+	scripts/slurm/local_cluster.sh stop; \
+	exit $$status
 
 # Training-step and Meta-IO benchmarks (tables + JSON lines; docs/benchmarks.md)
 bench: setup

@@ -1,8 +1,8 @@
 """Print the sbatch script that ``python train.py -m ... cluster=slurm`` would submit, without SLURM.
 
-Composes the training config with ``cluster=slurm`` and your overrides, turns ``hydra.launcher`` into
-submitit executor parameters exactly as hydra-submitit-launcher does, and renders submitit's sbatch
-file. Use it to check nodes, tasks, GPUs, time and signal settings before submitting::
+Composes the training config with ``cluster=slurm`` (or the ``cluster=slurm_cpu`` you give) and your
+overrides, turns ``hydra.launcher`` into submitit executor parameters exactly as
+hydra-submitit-launcher does, and renders submitit's sbatch file. Use it to check nodes, tasks, GPUs, time and signal settings before submitting::
 
     .venv/bin/python scripts/slurm/sbatch_preview.py +experiment=movielens_maml hydra.launcher.partition=gpu
 """
@@ -25,8 +25,10 @@ def launcher_parameters(overrides: list[str]) -> dict:
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         # hydra.job.name is "train" when train.py runs (compose alone would call it "app")
+        # cluster=slurm unless the overrides pick another SLURM cluster option (cluster=slurm_cpu)
+        cluster = [] if any(o.startswith("cluster=") for o in overrides) else ["cluster=slurm"]
         cfg = compose(
-            "train", overrides=["cluster=slurm", "hydra.job.name=train", *overrides], return_hydra_config=True
+            "train", overrides=[*cluster, "hydra.job.name=train", *overrides], return_hydra_config=True
         )
     # hydra.launcher interpolates trainer.*: resolve it inside the whole config
     launcher = OmegaConf.to_container(cfg, resolve=False)["hydra"]["launcher"]

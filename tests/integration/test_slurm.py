@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from gmeta.parallel import HybridParallelStrategy, shutdown_process_group
-from gmeta.parallel.launch import isolated_launch_env
+from gmeta.parallel.launch import LAUNCH_ENV, isolated_launch_env
 from gmeta.parallel.requeue import SlurmRequeue, TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +32,8 @@ from worker import BARE_TRAINER, batch_loader, local_batch, make_module  # noqa:
 def slurm_cfg(*overrides: str):
     os.environ.setdefault("PROJECT_ROOT", str(ROOT))
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=["cluster=slurm", *overrides], return_hydra_config=True)
+        cluster = [] if any(o.startswith("cluster=") for o in overrides) else ["cluster=slurm"]
+        return compose("train", overrides=[*cluster, *overrides], return_hydra_config=True)
 
 
 def test_slurm_config_agrees_between_submitit_and_lightning() -> None:
@@ -131,3 +133,59 @@ def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
         assert (sweep / job / "cold_start_metrics.json").is_file()
     with open(sweep / "sweep_summary.csv") as f:
         assert {(r["job"], r["method"]) for r in csv.DictReader(f)} == {("0", "maml"), ("1", "none")}
+
+
+def test_slurm_cpu_without_a_controller_fails_at_submission_saying_how_to_start_one(tmp_path: Path) -> None:
+    """No hang and no traceback: a clear error before anything is submitted (whether or not the SLURM
+    client commands are installed here). Real jobs: tests/slurm (make test-slurm)."""
+    conf = tmp_path / "slurm.conf"  # a controller that nobody runs (nothing listens on port 9)
+    conf.write_text(
+        "ClusterName=nowhere\nSlurmctldHost=localhost(127.0.0.1)\nSlurmctldPort=9\n"
+        "NodeName=localhost CPUs=1 State=UNKNOWN\nPartitionName=cpu Nodes=ALL Default=YES\n"
+    )
+    sweep = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(PROJECT_ROOT=str(ROOT), PYTHONWARNINGS="ignore", SLURM_CONF=str(conf))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "-m",
+            "+experiment=synthetic_maml",
+            "cluster=slurm_cpu",
+            f"paths.data_dir={tmp_path}/data",
+            f"paths.log_dir={tmp_path}/logs",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train.py: error: cannot submit to SLURM" in proc.stderr
+    assert "scripts/slurm/local_cluster.sh start" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (sweep / ".submitit").exists()  # nothing submitted
+
+
+def test_slurm_cpu_is_cluster_slurm_with_two_cpu_ranks_on_one_node(tmp_path: Path) -> None:
+    cfg = slurm_cfg("cluster=slurm_cpu")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.gpus_per_node) == (1, 2, None)
+    assert (launcher.partition, launcher.cpus_per_task, launcher.max_num_timeout) == ("cpu", 1, 0)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes) == ("cpu", 2, 1)
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, HybridParallelStrategy) and strategy.process_group_backend == "gloo"
+    # the batches of cluster=ddp_cpu: a job's metrics equal the same job there (tests/slurm)
+    assert cfg.data.rank_split == "batches"
+    assert isinstance(instantiate(cfg.callbacks.slurm_requeue), SlurmRequeue)
+    check = cfg.hydra.callbacks.slurm_controller
+    assert check._target_ == "gmeta.parallel.slurm_controller.RequireSlurmController"
+    assert "scripts/slurm/local_cluster.sh start" in check.hint
+    lines = sbatch_text(["cluster=slurm_cpu", "+experiment=synthetic_maml"], str(tmp_path)).splitlines()
+    for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --partition=cpu", "#SBATCH --signal=USR1@120"):
+        assert line in lines, line
+    assert not any("gpus" in line for line in lines)
