@@ -189,3 +189,34 @@ def test_slurm_cpu_is_cluster_slurm_with_two_cpu_ranks_on_one_node(tmp_path: Pat
     for line in ("#SBATCH --ntasks-per-node=2", "#SBATCH --partition=cpu", "#SBATCH --signal=USR1@120"):
         assert line in lines, line
     assert not any("gpus" in line for line in lines)
+
+
+def test_squeue_watcher_reads_job_states_as_submitit_reads_sacct() -> None:
+    """Without accounting (the local cluster) submitit follows jobs with squeue: a cancelled job must
+    count as finished (else train.py -m waits forever), a pending or requeued one as running."""
+    from gmeta.parallel.slurm_controller import SqueueInfoWatcher
+
+    watcher = SqueueInfoWatcher(delay_s=30)
+    for job in ("12_0", "12_1", "13", "14_0", "14_1"):
+        watcher.register_job(job)
+    assert watcher._make_command()[-2:] == ["-j", "12,13,14"]
+    # squeue --noheader --array --states=all -o "%i|%T|%N"
+    watcher._info_dict.update(
+        watcher.read_info(b"12_0|COMPLETED|vm\n12_1|RUNNING|vm\n13|CANCELLED|vm\n14_[0-1]|PENDING|\n")
+    )
+    done = {job: watcher.is_done(job, mode="cache") for job in ("12_0", "12_1", "13", "14_0", "14_1")}
+    assert done == {"12_0": True, "12_1": False, "13": True, "14_0": False, "14_1": False}
+    assert watcher.get_state("13", mode="cache") == "CANCELLED"
+
+
+def test_a_missing_slurm_conf_is_named_at_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """scontrol would retry reading a missing SLURM_CONF for 60 s: the check names it instead."""
+    from gmeta.parallel.slurm_controller import controller_problem
+
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "nowhere" / "slurm.conf"))
+    problem = controller_problem()
+    assert problem is not None
+    assert (
+        "not on PATH" in problem
+        or f"SLURM_CONF={tmp_path / 'nowhere' / 'slurm.conf'} does not exist" in problem
+    )
