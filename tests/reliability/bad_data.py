@@ -314,6 +314,13 @@ DATA_CASES: list[DataCase] = [
         raw=b"uid,y,ts,item,tags,price\n",
     ),
     DataCase(
+        "raw:same-name-twice.csv",
+        "a CSV header naming a column twice",
+        r"same-name-twice.csv: the header names column\(s\) \['tags'\] more than once; rename them",
+        fmt="raw",
+        raw=b"uid,y,ts,item,tags,tags\nu1,1,1,i1,t1,t2\n",
+    ),
+    DataCase(
         "raw:ragged.csv",
         "a CSV row with one field too many",
         r"ragged.csv: cannot be read as CSV \(.*(Expected 6 fields in line 3, saw 7|Line: 3).*\)",

@@ -404,3 +404,25 @@ def test_build_log_says_what_was_dropped_and_why_in_rows_and_percent(tmp_path, c
         _assert_same_tasks(tmp_path / policy / "pandas", tmp_path / policy / "duckdb")
     ids = {r for _, r in _tasks(tmp_path / "window" / "duckdb")}
     assert {"u5/warm/w1"} <= ids and not any(i.startswith("u5/warm/w0") for i in ids)
+
+
+@pytest.mark.parametrize("variant", ["parquet_lists", "csv_with_bom"])
+def test_list_multi_hot_and_a_bom_give_the_tasks_of_the_plain_csv(tmp_path, ml_table, variant):
+    """A multi-hot Parquet list column is the separator-joined text; a UTF-8 BOM is not part of a name."""
+    df = ml_table[0][["user_id", "item_id", "gender", "genre", "year_norm", "rating", "timestamp"]]
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    cfg = TaskConfig(min_interactions=8, max_interactions=40, query_size=4, new_item_rule={"quantile": 0.8})
+    df.to_csv(tmp_path / "plain.csv", index=False)
+    ref = _reference(TabularSource(tmp_path / "plain.csv", tmp_path / "schema.yaml"), cfg, tmp_path / "ref")
+    if variant == "parquet_lists":
+        path = tmp_path / "inter.parquet"
+        df.assign(genre=df["genre"].str.split(" ")).to_parquet(path)
+    else:
+        path = tmp_path / "inter.csv"
+        path.write_bytes(b"\xef\xbb\xbf" + df.to_csv(index=False).encode())
+    source = TabularSource(path, tmp_path / "schema.yaml")
+    for engine in ("pandas", "duckdb"):
+        prepare_shards(
+            source, cfg, tmp_path / engine, tasks_per_shard=32, engine=engine, build_options={"workers": 1}
+        )
+        _assert_same_tasks(ref, tmp_path / engine)

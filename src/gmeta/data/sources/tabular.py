@@ -179,13 +179,27 @@ def unreadable(path: Path, kind: str, e: BaseException) -> SchemaError:
 
 def csv_header(path: Path, sep: str) -> list[str]:
     """The column names on a CSV file's first line (an empty file is an error)."""
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:  # -sig: drop a BOM
         header = next(csv.reader(fh, delimiter=sep), None)
     if not header:
         raise SchemaError(
             f"{path}: empty file; expected a header line naming the columns, then one row per interaction"
         )
+    twice = sorted({c for c in header if header.count(c) > 1})
+    if twice:
+        raise SchemaError(f"{path}: the header names column(s) {twice} more than once; rename them")
     return header
+
+
+def _join_lists(values: pd.Series, separator: str) -> pd.Series:
+    """A multi-hot column of lists (Parquet ``list<...>``) as separator-joined text, like the CSV form."""
+    return values.map(
+        lambda v: (
+            separator.join(str(x) for x in v if x is not None)
+            if isinstance(v, list | tuple | np.ndarray)
+            else v
+        )
+    )
 
 
 def _first_bad(mask: pd.Series) -> int:
@@ -289,8 +303,8 @@ class TabularSource:
                     f"{f}: id column {col!r} has a missing value (NaN) at row {r}{where}; ids must be present"
                 )
             df[col] = df[col].astype(str)
-        for mh in schema.multi_hot:
-            df[mh.name] = df[mh.name].fillna("").astype(str)  # an empty list is allowed
+        for mh in schema.multi_hot:  # an empty list is allowed; Parquet lists are joined
+            df[mh.name] = _join_lists(df[mh.name], mh.separator).fillna("").astype(str)
         numeric = [schema.label] + [x.name for x in schema.dense]
         for col in numeric:
             values = pd.to_numeric(df[col], errors="coerce")
@@ -437,7 +451,13 @@ class TabularSource:
                 for c in dict.fromkeys([key, *(x.name for x in schema.sparse)])
             ),
         ]
-        select += [f"COALESCE(CAST({q(x.name)} AS VARCHAR), '') AS {q(x.name)}" for x in schema.multi_hot]
+        for x in schema.multi_hot:  # Parquet lists: the elements joined by the separator (NULLs skipped)
+            text = (
+                f"array_to_string({q(x.name)}, {lit(x.separator)})"
+                if types[x.name].endswith("[]")
+                else f"CAST({q(x.name)} AS VARCHAR)"
+            )
+            select.append(f"COALESCE({text}, '') AS {q(x.name)}")
         select += [
             f"CAST(CAST({q(c)} AS DOUBLE) AS FLOAT) AS {q(c)}"
             for c in [schema.label] + [x.name for x in schema.dense]
