@@ -27,8 +27,13 @@ PARTITION=cpu
 die() { echo "local_cluster.sh: error: $*" >&2; exit 1; }
 say() { echo "local_cluster.sh: $*" >&2; }
 
-pid_alive() {  # pid_alive <pidfile>: the process the file names is running
-  [[ -s "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null
+pid_alive() {  # pid_alive <pidfile>: the daemon the file names (munged, slurmctld, slurmd) is running
+  local pid name
+  [[ -s "$1" ]] || return 1
+  pid="$(cat "$1")"
+  name="$(basename "$1" .pid)"
+  # the same program, not another process that reused a stale pid
+  [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$name" ]]
 }
 
 install_packages() {

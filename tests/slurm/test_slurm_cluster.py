@@ -127,10 +127,16 @@ def job_log(sweep: Path, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def sweeps(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for the module's runs: they share the synthetic shards in ``data/``."""
+    return tmp_path_factory.mktemp("slurm")
+
+
+@pytest.fixture(scope="module")
+def sweeps(workdir: Path) -> dict:
     """``meta=maml,fomaml`` under ``cluster=ddp_cpu`` (the reference; builds the shards), then as two
     SLURM jobs under ``cluster=slurm_cpu``."""
-    tmp = tmp_path_factory.mktemp("slurm")
+    tmp = workdir
     reference = tmp / "ddp_cpu"
     run_entry_point(
         "train.py",
