@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 #: exit status of a run stopped by a user error (argparse uses 2 for bad arguments too)
 USER_ERROR_EXIT = 2
 
 T = TypeVar("T")
+#: the gmeta package folder: a ValueError raised from a file in it is gmeta's own check
+_PACKAGE = Path(__file__).resolve().parent
 
 
 class UserError(Exception):
@@ -69,20 +72,39 @@ def _is_bad_arguments(exc: BaseException) -> bool:
     )
 
 
+def _is_argument_check(exc: BaseException) -> bool:
+    """A ``ValueError`` raised by gmeta's own code (its raising frame is in the package): while an
+    object is built from the config, that is a deliberate check refusing a config value."""
+    if not isinstance(exc, ValueError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and Path(tb.tb_frame.f_code.co_filename).resolve().is_relative_to(_PACKAGE)
+
+
 def find_user_error(exc: BaseException) -> BaseException | None:
     """The user error behind ``exc``, or None if ``exc`` is unexpected (a bug: keep the traceback).
 
     Looks through the ``__cause__`` chain, because ``hydra.utils.instantiate`` wraps whatever a
-    constructor raises (e.g. a ``TaskConfig`` value check) in an ``InstantiationException``.
-    A plain ``FileNotFoundError`` counts as a user error: it names a path the user gave.
+    constructor raises (e.g. a ``TaskConfig`` value check) in an ``InstantiationException``; below
+    one, a ``ValueError`` raised by gmeta's own code is a constructor refusing a config value (e.g.
+    ``data.verify=bogus``), while one raised inside a library stays a bug. A plain
+    ``FileNotFoundError`` counts as a user error: it names a path the user gave.
     """
     expected = (UserError, FileNotFoundError, *_config_error_types(), *_hydra_error_types())
+    try:
+        from hydra.errors import InstantiationException
+    except ImportError:  # pragma: no cover
+        InstantiationException = ()  # noqa: N806
     seen: set[int] = set()
+    building = False  # below an InstantiationException: an object was being built from the config
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, expected) or _is_bad_arguments(e):
+        if isinstance(e, expected) or _is_bad_arguments(e) or (building and _is_argument_check(e)):
             return e
+        building = building or isinstance(e, InstantiationException)
         e = e.__cause__
     return None
 

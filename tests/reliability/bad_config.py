@@ -85,6 +85,20 @@ CONFIG_CASES: list[ConfigCase] = [
         r"query_size must be >= 1, got 0",
     ),
     ConfigCase(
+        "bad-verify-mode",
+        "data.verify that is neither sizes nor full",
+        ("data.verify=everything",),
+        r"data.verify must be one of .*got 'everything'",
+        target="data",
+    ),
+    ConfigCase(
+        "bad-rank-split",
+        "data.rank_split that is neither shards nor batches",
+        ("data.rank_split=users",),
+        r"rank_split must be one of .*got 'users'",
+        target="data",
+    ),
+    ConfigCase(
         "bad-item-rule",
         "new_item_rule without min_value or quantile",
         ("~data.task_config.new_item_rule.min_value",),

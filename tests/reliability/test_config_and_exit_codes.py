@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from bad_config import CONFIG_CASES, ConfigCase
 from hydra import compose, initialize_config_dir
@@ -30,7 +31,8 @@ def _compose_and_instantiate(case: ConfigCase) -> None:
 
 
 @pytest.mark.parametrize("case", CONFIG_CASES, ids=[c.id for c in CONFIG_CASES])
-def test_bad_config_is_a_user_error(case: ConfigCase) -> None:
+def test_bad_config_is_a_user_error(case: ConfigCase, monkeypatch) -> None:
+    monkeypatch.setenv("PROJECT_ROOT", str(ROOT))  # conf/paths interpolates it (train.py sets it)
     with pytest.raises(Exception) as info:
         _compose_and_instantiate(case)
     found = find_user_error(info.value)
@@ -55,6 +57,15 @@ def test_unexpected_errors_keep_their_traceback() -> None:
     with pytest.raises(ZeroDivisionError):  # not turned into a message: the traceback stays
         report_user_errors(bug, "train.py")
     assert find_user_error(KeyError("x")) is None and find_user_error(ValueError("x")) is None
+    from hydra.errors import InstantiationException
+
+    try:  # a ValueError from a library while building an object: a bug, not a config value refused
+        try:
+            np.zeros(-1)
+        except ValueError as e:
+            raise InstantiationException("Error in call to target 'x.Y'") from e
+    except InstantiationException as wrapped:
+        assert find_user_error(wrapped) is None
 
 
 def test_a_user_error_wrapped_by_instantiate_or_a_dataloader_worker() -> None:
