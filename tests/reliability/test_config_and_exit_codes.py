@@ -225,3 +225,21 @@ def test_eval_refuses_shards_with_another_vocabulary(tmp_path: Path) -> None:
         SchemaError, match=r"model.ckpt was trained with another vocabulary \(sha256 aaaaaaaaaaaa"
     ):
         check_checkpoint_vocabulary(ckpt, Shards("b" * 64))
+
+
+def test_a_refused_meta_value_is_a_user_error(monkeypatch) -> None:
+    """meta.inner_steps=-1: MetaConfig's check, raised while instantiate builds the model."""
+    monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["meta.inner_steps=-1"])
+    from omegaconf import OmegaConf
+
+    from gmeta.data.schema import FieldSpec, Schema
+
+    schema = Schema("u", "y", fields=(FieldSpec("u", "sparse", vocab_size=5), FieldSpec("p", "dense")))
+    with pytest.raises(Exception) as info:
+        instantiate(
+            cfg.model, schema=schema.to_dict(), meta=OmegaConf.to_container(cfg.meta), _convert_="all"
+        )
+    found = find_user_error(info.value)
+    assert found is not None and "inner_steps must be >= 0, got -1" in user_message(found)
