@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 from gmeta.data.build.duckdb_plan import ROW
 from gmeta.data.build.partitions import PartitionJob, write_partition
 from gmeta.data.build.plan import PlanResult, plan_columns
-from gmeta.data.build.spark_source import first_rows, q, source_frame, value_at
+from gmeta.data.build.spark_source import NANOS_AS_LONG, first_rows, q, source_frame, value_at
 from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, FieldSpec, Schema, SchemaError
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import (
@@ -548,7 +548,8 @@ def run_spark(
     ``results`` are ``write_partition``'s returns in partition order, for ``engine.write_manifest``.
     """
     spark, started = spark_session(options)
-    zone = spark.conf.get("spark.sql.session.timeZone")
+    # settings the build changes on the session, restored at the end
+    saved = {key: spark.conf.get(key, None) for key in ("spark.sql.session.timeZone", NANOS_AS_LONG)}
     spark.conf.set("spark.sql.session.timeZone", "UTC")  # naive datetime text is UTC, as in the other engines
     try:
         src, schema = source_frame(spark, source, ROW)
@@ -577,6 +578,10 @@ def run_spark(
         if started:
             spark.stop()
         else:
-            spark.conf.set("spark.sql.session.timeZone", zone)
+            for key, value in saved.items():
+                if value is None:
+                    spark.conf.unset(key)
+                else:
+                    spark.conf.set(key, value)
     log.info("spark build: %d partitions written", len(results))
     return plan, results

@@ -107,12 +107,33 @@ def _csv_with_rows(spark: Any, path: Path, sep: str, row_column: str) -> Any:
     )
 
 
+#: Spark refuses Parquet TIMESTAMP(NANOS) columns unless told to read them as integer nanoseconds
+NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
+
+
+def _nanosecond_time(spark: Any, first_file: Path, time: str | None) -> bool:
+    """Whether the time column is a Parquet TIMESTAMP(NANOS) (pandas' default ``datetime64[ns]``);
+    if so, Spark reads it as integer nanoseconds (``run_spark`` restores the setting afterwards)."""
+    import pyarrow.parquet as pq
+
+    if time is None:
+        return False
+    names = pq.read_schema(first_file)
+    if time not in names.names:
+        return False
+    kind = names.field(time).type
+    nanos = pa.types.is_timestamp(kind) and kind.unit == "ns"
+    if nanos:
+        spark.conf.set(NANOS_AS_LONG, "true")
+    return nanos
+
+
 def _floor_div(x: str, d: int) -> str:
     """Spark SQL: integer ``x`` divided by ``d`` rounded towards -inf, exactly."""
     return f"((({x}) - pmod({x}, {d})) div {d})"
 
 
-def _time_in_seconds(raw: Any, t: str, kind: Any, row_column: str) -> str:
+def _time_in_seconds(raw: Any, t: str, kind: Any, row_column: str, nanos: bool = False) -> str:
     """Spark SQL of ``tabular.time_in_seconds`` (and of the DuckDB scan) for column ``t`` (quoted).
 
     Timestamps -> whole seconds since the epoch in UTC, floored; integers stay BIGINT; other
@@ -122,6 +143,8 @@ def _time_in_seconds(raw: Any, t: str, kind: Any, row_column: str) -> str:
     """
     from pyspark.sql import types as T
 
+    if nanos:  # a Parquet TIMESTAMP(NANOS), read as its integer nanoseconds since the epoch (UTC)
+        return _floor_div(f"CAST({t} AS BIGINT)", 10**9)
     if isinstance(kind, T.TimestampNTZType):  # wall-clock time, taken as UTC
         micros = f"timestampdiff(MICROSECOND, TIMESTAMP_NTZ'1970-01-01 00:00:00', {t})"
         return _floor_div(micros, 10**6)
@@ -170,6 +193,7 @@ def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema
 
     schema, ignore = load_schema_file(source.schema_path)
     f = Path(source.path)
+    nanos = False
     if not f.exists():
         raise SchemaError(f"{f}: no such file or directory (data.source.path)")
     suffix = f.suffix.lower()
@@ -179,6 +203,7 @@ def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema
         )
         if not files:
             raise SchemaError(f"{f}: directory holds no .parquet files")
+        nanos = _nanosecond_time(spark, files[0], schema.time)
         raw = _parquet_with_rows(spark, files, row_column)
     elif suffix in (".csv", ".tsv", ".txt"):
         raw = _csv_with_rows(spark, f, "\t" if suffix == ".tsv" else ",", row_column)
@@ -205,7 +230,7 @@ def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema
     numeric = [schema.label] + [x.name for x in schema.dense]
     seconds = None
     if schema.time is not None:
-        seconds = _time_in_seconds(raw, q(schema.time), types[schema.time], row_column)
+        seconds = _time_in_seconds(raw, q(schema.time), types[schema.time], row_column, nanos)
     # every check of scan_duckdb, in its order; one pass finds the first bad row of each
     checks: dict[str, str] = {}
     for i, col in enumerate(ids):
