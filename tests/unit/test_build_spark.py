@@ -298,3 +298,18 @@ def test_spark_reads_time_columns_like_duckdb(spark, tmp_path, ml_table, kind):
         path = tmp_path / "inter.parquet"
         _time_variant(df, kind).to_parquet(path)
     _both(TabularSource(path, tmp_path / "schema.yaml"), cfg, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["parquet_lists", "csv_with_bom"])
+def test_spark_list_multi_hot_and_a_bom_like_duckdb(spark, tmp_path, ml_table, variant):
+    df = ml_table[0][["user_id", "item_id", "gender", "genre", "year_norm", "rating", "timestamp"]]
+    (tmp_path / "schema.yaml").write_text(SCHEMA)
+    cfg = TaskConfig(min_interactions=8, max_interactions=40, query_size=4, new_item_rule={"quantile": 0.8})
+    if variant == "parquet_lists":
+        path = tmp_path / "inter.parquet"
+        df.assign(genre=df["genre"].str.split(" ")).to_parquet(path)
+    else:
+        path = tmp_path / "inter.csv"
+        path.write_bytes(b"\xef\xbb\xbf" + df.to_csv(index=False).encode())
+    _both(TabularSource(path, tmp_path / "schema.yaml"), cfg, tmp_path)

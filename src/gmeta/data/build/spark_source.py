@@ -90,8 +90,13 @@ def _csv_with_rows(spark: Any, path: Path, sep: str, row_column: str) -> Any:
     """One CSV/TSV file (every column as text) plus the 0-based input position."""
     from pyspark.sql import functions as F
 
+    from gmeta.data.sources.tabular import csv_header
+
+    names = csv_header(path, sep)  # as the other engines name the columns (no BOM; a name twice is an error)
     # FAILFAST: a malformed line is an error, never a row silently filled with nulls
     raw = spark.read.csv(path.resolve().as_uri(), header=True, sep=sep, escape='"', mode="FAILFAST")
+    if len(names) == len(raw.columns):
+        raw = raw.toDF(*names)
     with_id = raw.withColumn("_gmeta_id", F.monotonically_increasing_id())
     part = F.shiftright(F.col("_gmeta_id"), 33)
     counts = {int(r["p"]): int(r["count"]) for r in with_id.groupBy(part.alias("p")).count().collect()}
@@ -189,6 +194,8 @@ def scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema]
 
 
 def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema]:
+    from pyspark.sql import types as T
+
     from gmeta.data.sources.tabular import TIME_FORMATS, load_schema_file
 
     schema, ignore = load_schema_file(source.schema_path)
@@ -274,7 +281,13 @@ def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema
             f"numeric/datetime (has {value_at(raw, row_column, r, q(schema.time))!r}); {TIME_FORMATS}"
         )
     select = [q(row_column), *(f"CAST({q(c)} AS STRING) AS {q(c)}" for c in ids)]
-    select += [f"COALESCE(CAST({q(x.name)} AS STRING), '') AS {q(x.name)}" for x in schema.multi_hot]
+    for x in schema.multi_hot:  # Parquet lists: the elements joined by the separator (NULLs skipped)
+        text = (
+            f"array_join(CAST({q(x.name)} AS ARRAY<STRING>), {lit(x.separator)})"
+            if isinstance(types[x.name], T.ArrayType)
+            else f"CAST({q(x.name)} AS STRING)"
+        )
+        select.append(f"COALESCE({text}, '') AS {q(x.name)}")
     select += [f"CAST(try_cast({q(c)} AS DOUBLE) AS FLOAT) AS {q(c)}" for c in numeric]
     if seconds is not None:
         select.append(f"{seconds} AS {q(schema.time)}")
