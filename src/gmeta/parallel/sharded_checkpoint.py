@@ -158,6 +158,18 @@ def _replace(tmp: Path, dest: Path, token: str) -> None:
             old.unlink()
 
 
+def _block(local: Tensor, start: int, rows: int) -> Tensor:
+    """Rows ``start : start + rows`` of ``local`` as a tensor sharing its memory and owning a storage
+    of exactly its own size. DCP clones a view of a larger storage before writing it and keeps every
+    clone until the rank's file is complete, i.e. a second copy of all this rank's rows; a tensor
+    made over the numpy view of the block is not cloned."""
+    view = local[start : start + rows].detach().cpu()
+    try:
+        return torch.from_numpy(view.numpy())
+    except TypeError:  # a dtype numpy lacks (bfloat16): DCP copies it
+        return view
+
+
 def save_sharded(
     checkpoint: dict[str, Any],
     path: str | os.PathLike,
@@ -189,9 +201,7 @@ def save_sharded(
         for buf in table.row_buffers:
             local = state.pop(_prefix(name) + buf)
             for start in range(0, local.shape[0], block_rows):
-                blocks[block_key(name, buf, comm.rank, start)] = (
-                    local[start : start + block_rows].detach().cpu()
-                )
+                blocks[block_key(name, buf, comm.rank, start)] = _block(local, start, block_rows)
         state.pop(_prefix(name) + "shard_info", None)
     if comm.rank == 0:
         dest.parent.mkdir(parents=True, exist_ok=True)
