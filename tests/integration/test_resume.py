@@ -236,6 +236,7 @@ def test_sigkill_at_seeded_random_points_resumes_exactly(tmp_path: Path) -> None
     # at every epoch end, the first best checkpoint
     saves = sum(1 for s in range(1, total + 1) if s % EVERY == 0 and s % per_epoch) + EPOCHS + 1
     points = _kill_points(total, saves, per_hook=2, seed=2026)
+    points.append(("train_batch_start", per_epoch))  # resumes from the epoch-end last.ckpt (epoch done)
     assert len(set(points)) == len(points) >= 10
     for i, (hook, at) in enumerate(points):
         killed = train_subprocess(tmp_path, f"killed{i}", *fault(hook, at, "KILL"))
