@@ -12,6 +12,7 @@ from gmeta.data.batch import TaskBatch
 from gmeta.data.datamodule import Position, TaskDataLoader, TaskDataModule, TaskStreamDataset
 from gmeta.data.shards import read_manifest
 from gmeta.data.tasks import SPLITS
+from gmeta.errors import ConfigError
 
 
 def _module(shard_dir, rank=0, world=1, workers=0, **kw) -> TaskDataModule:
@@ -281,3 +282,37 @@ def test_the_datamodule_hands_a_checkpointed_position_to_the_next_train_loader_o
     resumed = _fingerprints(dm.train_dataloader())
     fresh = _fingerprints(dm.train_dataloader())
     assert resumed == fresh[4:]
+
+
+def test_resuming_mid_epoch_with_another_data_layout_is_refused(shard_dir):
+    """Another worker count, meta-batch, seed or shard split would put other tasks in the skipped
+    batches: an error, not silently lost and repeated tasks. An epoch-end position is always fine."""
+
+    def dm(**kw) -> TaskDataModule:
+        args = {
+            "batch_tasks": 6,
+            "eval_batch_tasks": 6,
+            "shuffle_buffer": 8,
+            "seed": 0,
+            "rank": 0,
+            "world_size": 1,
+        }
+        module = TaskDataModule(shard_dir, **{**args, **kw})
+        module.setup()
+        return module
+
+    mid = {"epoch": 1, "batches": 3, "epoch_done": False, "layout": dm().stream_layout()}
+    same = dm()
+    same.load_state_dict({"train_position": mid})
+    same.train_dataloader()
+    for changed in ({"num_workers": 2}, {"batch_tasks": 12}, {"seed": 1}, {"world_size": 2}):
+        other = dm(**changed)
+        other.load_state_dict({"train_position": mid})
+        with pytest.raises(ConfigError, match=r"cannot resume in the middle of epoch 1 \(after 3 batches\)"):
+            other.train_dataloader()
+        other.load_state_dict({"train_position": {**mid, "epoch_done": True}})
+        other.train_dataloader()  # the next epoch starts from its beginning: any layout works
+    # rank_split=batches: every rank reads the one-process stream, so another world size is fine
+    two = dm(world_size=2, rank_split="batches")
+    two.load_state_dict({"train_position": mid})
+    two.train_dataloader()
