@@ -55,7 +55,7 @@ def _adapt_parser(sub: argparse._SubParsersAction) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="shard folder the model was trained on (manifest.json + vocab.json); default: found from the "
+        help="shard folder the model was trained on (manifest.json + vocab.parquet); default: found from the "
         "checkpoint's run directory",
     )
     p.add_argument(

@@ -12,7 +12,7 @@ Where the encoding comes from (first that exists):
 
 1. the checkpoint itself: ``checkpoint[<DataModule class>]["vocab"]`` (a data module's ``state_dict``)
    or ``checkpoint["hyper_parameters"]["vocab"]``, with ``task_config`` next to it;
-2. ``data_dir``: a shard folder (``manifest.json`` + ``vocab.json``) built for this checkpoint;
+2. ``data_dir``: a shard folder (``manifest.json`` + its vocabulary file) built for this checkpoint;
 3. the run directory the checkpoint sits in (``config_resolved.yaml``: ``data.data_dir``).
 
 Candidate rows are scored by the same model as training rows, so they need every feature column of
@@ -41,6 +41,7 @@ from gmeta.data.batch import TaskBatch, TaskRecord, collate_tasks
 from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, Schema, SchemaError
 from gmeta.data.shards import VOCAB, read_manifest
 from gmeta.data.tasks import stable_hash
+from gmeta.data.vocab import read_vocab
 from gmeta.meta.inner import predict
 from gmeta.meta.module import MetaDLRMModule
 
@@ -121,7 +122,7 @@ def load_encoding(
     Args:
         schema: the checkpoint's encoded schema (``module.schema``); the vocabulary must match it.
         checkpoint: the raw checkpoint dict (searched for a stored vocabulary).
-        data_dir: shard folder with ``manifest.json`` and ``vocab.json``.
+        data_dir: shard folder with ``manifest.json`` and its vocabulary file.
         ckpt_path: the checkpoint file (its run directory's config names the data folder).
     """
     for key, value in (checkpoint or {}).items():
@@ -145,7 +146,7 @@ def load_encoding(
     if data_dir is None:
         raise ServeError(
             f"no vocabulary found for checkpoint {ckpt_path}: tried {'; '.join(tried)}. Pass the shard folder "
-            "the model was trained on (--data-dir / data_dir=, the folder holding manifest.json and vocab.json)"
+            "the model was trained on (--data-dir / data_dir=, the folder holding manifest.json and vocab.parquet)"
         )
     manifest = read_manifest(data_dir)
     where = str(manifest.root / "manifest.json")
@@ -179,7 +180,7 @@ def load_encoding(
             "was trained on (--data-dir)"
         )
     threshold, item_key = _task_config_fields(manifest.data.get("task_config"))
-    return Encoding(schema, json.loads(vocab_path.read_text()), threshold, item_key, str(vocab_path))
+    return Encoding(schema, read_vocab(vocab_path), threshold, item_key, str(vocab_path))
 
 
 # -- reading and checking raw rows ---------------------------------------------------------------

@@ -428,7 +428,7 @@ def test_shards_of_another_build_are_rejected(tmp_path, trained, adapter) -> Non
     manifest = json.loads((trained["data_dir"] / "manifest.json").read_text())
     manifest["schema"]["fields"][1]["vocab_size"] += 1
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    shutil.copy(trained["data_dir"] / "vocab.json", tmp_path / "vocab.json")
+    shutil.copy(trained["data_dir"] / "vocab.parquet", tmp_path / "vocab.parquet")
     with pytest.raises(ServeError, match=r"schema .* differs from the checkpoint's"):
         load_encoding(adapter.schema, data_dir=tmp_path)
 

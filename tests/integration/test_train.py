@@ -15,6 +15,7 @@ from entry_points import run_entry_point as run_script
 
 from gmeta.data.schema import STATES
 from gmeta.data.shards import read_manifest
+from gmeta.data.vocab import read_vocab
 
 EPOCHS = 3
 
@@ -134,6 +135,6 @@ def test_checkpoint_carries_the_vocabulary_for_serving(trained: dict) -> None:
     )
     state = ckpt["TaskDataModule"]  # TaskDataModule.state_dict, stored by Lightning
     shards = trained["tmp"] / "data" / "synthetic" / "shards"
-    assert state["vocab"] == json.loads((shards / "vocab.json").read_text())
+    assert state["vocab"] == read_vocab(shards / "vocab.parquet")
     assert state["vocab_sha256"] == trained["manifest"].data["vocab"]["sha256"]
     assert state["task_config"] == trained["manifest"].data["task_config"]

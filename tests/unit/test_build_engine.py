@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from gmeta.data.shards import iter_shard, prepare_shards, read_manifest, verify_
 from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.sources.tabular import TabularSource
 from gmeta.data.tasks import TaskConfig, build_tasks
+from gmeta.data.vocab import read_vocab
 
 SPLITS = ("train", "val", "test")
 
@@ -36,7 +36,7 @@ def _assert_same_tasks(ref: Path, new: Path) -> None:
     ma, mb = read_manifest(ref).data, read_manifest(new).data
     for key in ("counts", "filtered", "schema", "task_config", "seed"):
         assert ma[key] == mb[key], key
-    assert json.loads((ref / "vocab.json").read_text()) == json.loads((new / "vocab.json").read_text())
+    assert read_vocab(ref / "vocab.parquet") == read_vocab(new / "vocab.parquet")
     for key in (
         "interactions",
         "task_keys",

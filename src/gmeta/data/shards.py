@@ -4,7 +4,7 @@ Layout::
 
     out_dir/manifest.json         format version, schema (with vocab sizes), task config, seed,
                                   counts per split/state, filter stats, shards with sha256
-    out_dir/vocab.json            raw value of every id (for serving new users)
+    out_dir/vocab.parquet         raw value of every id (for serving new users; gmeta.data.vocab)
     out_dir/{train,val,test}/shard-000000.tar
 
 Format 2: every task is ONE tar member ``<key>.task`` (a WebDataset sample ``{"__key__", "task"}``)
@@ -56,6 +56,7 @@ from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import MULTI_HOT_PAD, STATES, Schema, SchemaError
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, TaskSplits, build_tasks
+from gmeta.data.vocab import VOCAB_FILE, write_vocab
 from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ log = logging.getLogger(__name__)
 FORMAT = "gmeta-task-shards"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-VOCAB = "vocab.json"
+VOCAB = VOCAB_FILE  # older folders hold vocab.json: the manifest names the file
 SETS: tuple[str, ...] = ("support", "query")
 ARRAY_MEMBERS: tuple[str, ...] = tuple(f"{s}.{a}" for s in SETS for a in SET_ARRAYS)
 #: the one tar member (WebDataset extension) of a task record
@@ -132,7 +133,7 @@ def write_shards(
     tasks_per_shard: int = 256,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write all splits as shards plus ``vocab.json`` and ``manifest.json`` (last); return the manifest.
+    """Write all splits as shards plus ``vocab.parquet`` and ``manifest.json`` (last); return the manifest.
 
     Train tasks are shuffled once with ``seed`` before sharding so every shard mixes users;
     val/test keep ``build_tasks`` order.
@@ -178,7 +179,7 @@ def write_shards(
             "samples": sum(s["samples"] for s in shards),
             "shards": shards,
         }
-    (out / VOCAB).write_text(json.dumps(splits.vocabs, sort_keys=True, ensure_ascii=False))
+    write_vocab(out / VOCAB, splits.vocabs)
     manifest["vocab"] = {"path": VOCAB, "sha256": sha256_file(out / VOCAB)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log.info("wrote %s: %s", out, {s: manifest["splits"][s]["tasks"] for s in SPLITS})

@@ -29,6 +29,7 @@ from gmeta.data.schema import STATES, Schema, SchemaError
 from gmeta.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, VOCAB
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, format_stats
+from gmeta.data.vocab import write_vocab
 from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def build_shards(
     options: BuildOptions | None = None,
     engine: str = "duckdb",
 ) -> dict[str, Any]:
-    """Build all splits' shards, ``vocab.json`` and ``manifest.json`` (last) in ``out_dir``.
+    """Build all splits' shards, ``vocab.parquet`` and ``manifest.json`` (last) in ``out_dir``.
 
     ``engine``: ``duckdb`` or ``spark``. ``out_dir`` should be a fresh temporary folder that the
     caller renames into place (``gmeta.data.shards.prepare_shards`` does): scratch files live
@@ -177,7 +178,7 @@ def write_manifest(
     source_description: dict[str, Any] | None,
     engine: str,
 ) -> dict[str, Any]:
-    """Merge the partition writers' results (in partition order) into ``vocab.json`` and ``manifest.json`` (last)."""
+    """Merge the partition writers' results (in partition order) into ``vocab.parquet`` and ``manifest.json`` (last)."""
     counts = _merge_counts(results)
     stats = {**plan.stats, "counts": counts, "warm_eval_held_out": sum(r["held_out"] for r in results)}
     if not any(counts[s][st]["tasks"] for s in SPLITS for st in STATES):
@@ -202,7 +203,7 @@ def write_manifest(
             "samples": sum(s["samples"] for s in shards),
             "shards": shards,
         }
-    (out / VOCAB).write_text(json.dumps(plan.vocabs, sort_keys=True, ensure_ascii=False))
+    write_vocab(out / VOCAB, plan.vocabs)
     manifest["vocab"] = {"path": VOCAB, "sha256": sha256_file(out / VOCAB)}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log.info("tasks built:\n%s", format_stats(stats))
