@@ -71,6 +71,7 @@ from gmeta.data.stream import (
 )
 from gmeta.data.tasks import TaskConfig
 from gmeta.data.vocab import read_vocab
+from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -448,6 +449,8 @@ class Position:
     epoch: int
     batches: int
     epoch_done: bool
+    #: what the order of an epoch's batches depends on (``TaskDataModule.stream_layout``)
+    layout: dict[str, Any] | None = None
 
     def next_iteration(self) -> tuple[int, int]:
         """(epoch, batches to leave out) of the iteration that continues from here."""
@@ -657,8 +660,41 @@ class TaskDataModule(L.LightningDataModule):
         progress = epoch_loop.batch_progress
         done = bool(progress.is_last_batch) or epoch_loop._num_ready_batches_reached()
         return Position(
-            epoch=int(trainer.current_epoch), batches=int(progress.current.processed), epoch_done=done
+            epoch=int(trainer.current_epoch),
+            batches=int(progress.current.processed),
+            epoch_done=done,
+            layout=self.stream_layout(),
         )
+
+    def stream_layout(self) -> dict[str, Any]:
+        """The settings that decide which tasks the first ``n`` batches of an epoch hold."""
+        rank, world = self.rank_world()
+        # ranks that each stream their own shards see another order per world size; one process and
+        # rank_split=batches (every rank reads the 1-process stream) see the same on any world size
+        return {
+            "streams": world if self.rank_split == "shards" and world > 1 else 1,
+            "num_workers": self.num_workers,
+            "batch_tasks": self.batch_tasks,
+            "shuffle_buffer": self.shuffle_buffer,
+            "seed": self.seed,
+        }
+
+    def _check_resumable(self, position: Position) -> None:
+        """Continuing mid-epoch needs the epoch's batches in the checkpointed order: with another
+        layout, skipping the delivered batches would skip other tasks (and repeat some)."""
+        if position.epoch_done or not position.batches or position.layout is None:
+            return
+        now = self.stream_layout()
+        changed = {k: (v, now.get(k)) for k, v in position.layout.items() if now.get(k) != v}
+        if changed:
+            what = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+            raise ConfigError(
+                f"cannot resume in the middle of epoch {position.epoch} (after {position.batches} batches) "
+                f"with another data layout ({what}): the rest of the epoch would hold other tasks. "
+                "Resume with the checkpoint's settings (data.num_workers, data.batch_tasks, "
+                "data.shuffle_buffer, data.seed, data.rank_split, trainer.devices / num_nodes), or from "
+                "a checkpoint written at an epoch's end"
+            )
 
     def _vocab_for_checkpoint(self, info: dict[str, Any]) -> dict[str, Any] | None:
         """The vocabulary if its file is small enough to travel in a checkpoint (fetched once for URLs)."""
@@ -796,6 +832,8 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> TaskDataLoader:
+        if self._resume is not None:
+            self._check_resumable(self._resume)
         loader = self._loader("train")
         loader.resume_from(self._resume)
         self._resume = None  # only the first loader of a resumed fit continues mid-stream
