@@ -80,8 +80,13 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
     extra: dict[str, Any] = {}
     if cfg.get("checkpoint_io") is not None:  # atomic checkpoint files (gmeta.checkpoint_io)
-        plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
-        extra["plugins"] = [*plugins, instantiate(cfg.checkpoint_io)]
+        strategy = cfg.trainer.get("strategy")
+        if isinstance(strategy, DictConfig):
+            strategy = extra["strategy"] = instantiate(strategy, _convert_="all")
+        # a strategy may bring its own (hybrid_parallel does); Lightning refuses two
+        if getattr(strategy, "_checkpoint_io", None) is None:
+            plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
+            extra["plugins"] = [*plugins, instantiate(cfg.checkpoint_io)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
 
