@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from gmeta.checkpoint_io import AtomicCheckpointIO
 from gmeta.parallel.comm import Communicator
 from gmeta.parallel.launch import HydraJobLauncher
 from gmeta.parallel.sharded_checkpoint import (
@@ -172,6 +173,19 @@ class HybridParallelStrategy(DDPStrategy):
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    @property
+    def checkpoint_io(self) -> Any:
+        """The single-file (full) checkpoints' CheckpointIO: a Trainer plugin if one is given, else
+        ``AtomicCheckpointIO`` (complete or absent) rather than Lightning's ``TorchCheckpointIO``. Set
+        lazily: Lightning refuses a CheckpointIO given both to the strategy and as a plugin."""
+        if self._checkpoint_io is None:
+            self._checkpoint_io = AtomicCheckpointIO()
+        return super().checkpoint_io  # Lightning's handling of wrapping (async) CheckpointIOs
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: Any) -> None:
+        self._checkpoint_io = io
+
     def sharded_checkpoints(self) -> bool:
         """Whether checkpoints are written sharded (see ``checkpoint_format``); the same on every rank."""
         if self.checkpoint_format != "auto":
