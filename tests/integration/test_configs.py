@@ -201,6 +201,7 @@ CLUSTERS = {
     "ddp_cpu": ("cpu", 2, 1, "gloo", 600),
     "multi_gpu": ("gpu", -1, 1, "nccl", 600),
     "slurm": ("gpu", 8, 2, "nccl", 1800),  # launcher settings: tests/integration/test_slurm.py
+    "slurm_cpu": ("cpu", 2, 1, "gloo", 600),
 }
 
 
@@ -219,8 +220,8 @@ def test_cluster_options(name: str) -> None:
     assert strategy.process_group_backend == backend
     assert strategy._timeout.total_seconds() == cfg.trainer.strategy.collective_timeout_s == timeout_s
     assert cfg.trainer.num_nodes == nodes
-    # ddp_cpu reproduces cluster=cpu's meta-batches; the GPU clusters read their own shards per rank
-    assert cfg.data.rank_split == ("batches" if name == "ddp_cpu" else "shards")
+    # ddp_cpu and slurm_cpu reproduce cluster=cpu's meta-batches; the GPU clusters read their own shards per rank
+    assert cfg.data.rank_split == ("batches" if name in ("ddp_cpu", "slurm_cpu") else "shards")
 
 
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
