@@ -243,3 +243,17 @@ def test_a_refused_meta_value_is_a_user_error(monkeypatch) -> None:
         )
     found = find_user_error(info.value)
     assert found is not None and "inner_steps must be >= 0, got -1" in user_message(found)
+
+
+@pytest.mark.slow  # ~25 s: a fresh interpreter and one training step
+def test_train_divergence_exits_2_naming_the_inner_lr(tmp_path: Path) -> None:
+    proc = _run(
+        tmp_path,
+        str(ROOT / "train.py"),
+        "+experiment=synthetic_maml",
+        "meta.inner_lr=1e12",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"data.data_dir={tmp_path / 'shards'}",
+    )
+    _assert_user_error(proc, "train.py", r"meta-training diverged at step 0: .*meta\.inner_lr=1e\+12")

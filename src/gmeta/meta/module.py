@@ -25,6 +25,7 @@ from torch import nn
 
 from gmeta.data.batch import TaskBatch
 from gmeta.data.schema import Schema
+from gmeta.errors import UserError
 from gmeta.meta.inner import MetaConfig, meta_loss, predict
 from gmeta.metrics import ColdStartMetrics
 from gmeta.model.dlrm import DLRM
@@ -38,6 +39,38 @@ EVAL_MODES: tuple[tuple[str, bool], ...] = (("plain", False), ("adapted", True))
 warnings.filterwarnings(
     "ignore", message=r"It is recommended to use `self\.log\('(val|test)/.*sync_dist=True\)`"
 )
+
+
+#: a meta loss (binary cross-entropy, nats per sample) above this counts as exploded: the adapted
+#: logits are hundreds of units on the wrong side; a healthy CTR model sits near 0.3-0.7
+EXPLODED_LOSS = 100.0
+
+
+class DivergenceError(UserError):
+    """Meta-training produced a non-finite or exploded loss: a setting to change, not a bug."""
+
+
+def check_divergence(
+    loss: torch.Tensor, stats: dict[str, torch.Tensor], step: int, cfg: MetaConfig, task_ids: list[str]
+) -> None:
+    """Stop with a message naming the inner-loop settings when the meta loss is non-finite or exploded.
+
+    The usual cause is an inner learning rate too large for the towers (the adapted weights overshoot,
+    the query loss explodes, the outer gradient follows), so the message names it and a smaller value.
+    """
+    value = float(loss.detach())
+    if math.isfinite(value) and value <= EXPLODED_LOSS:
+        return
+    parts = [f"meta loss {value:.4g}"]
+    for name in ("support_loss", "query_loss"):
+        if name in stats and stats[name].numel() == 1:
+            parts.append(f"{name.replace('_', ' ')} {float(stats[name]):.4g}")
+    raise DivergenceError(
+        f"meta-training diverged at step {step}: {', '.join(parts)} (non-finite or above {EXPLODED_LOSS:g}) "
+        f"with meta.inner_lr={cfg.inner_lr:g}, meta.inner_steps={cfg.inner_steps} ({cfg.name}); lower the "
+        f"inner learning rate (e.g. meta.inner_lr={cfg.inner_lr / 4:g}) or the outer ones "
+        f"(model.dense_optimizer.lr, model.embedding_optimizer.lr). Tasks of this batch: {task_ids[:5]}"
+    )
 
 
 class MetaDLRMModule(L.LightningModule):
@@ -141,10 +174,7 @@ class MetaDLRMModule(L.LightningModule):
         # With a sharded table this is the step's only id/row exchange (support and query together).
         lookup = self.embedding.lookup(batch, loss_weight=self.loss_weight(batch))
         loss, stats = meta_loss(self.dlrm, self.dense_params(), lookup.rows, lookup, batch, self.meta_config)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite meta loss {loss.item()} at step {self.global_step} (tasks {batch.task_ids[:5]}...)"
-            )
+        check_divergence(loss, stats, self.global_step, self.meta_config, batch.task_ids)
         optimizer.zero_grad()
         # loss_share (1 on one process) weights this rank's mean so the ranks' gradients sum to the
         # gradient of the global mean; the strategy sums dense gradients in optimizer.step().
