@@ -108,6 +108,7 @@ def test_one_meta_step_makes_exactly_the_documented_collectives(tmp_path, inner_
 # -- checkpoints: written by 2 ranks, resumed on 1 and on 4 ---------------------------------------
 
 
+@pytest.mark.slow  # ~22 s; the sharded-checkpoint resharding test (fast) covers N -> M
 def test_checkpoint_from_two_ranks_resumes_on_one_and_four(tmp_path):
     ckpt = tmp_path / "step5.ckpt"
     base = {"scenario": "train", "algos": ["maml"]}

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +39,7 @@ def run(tmp: Path, *args: str) -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.slow  # ~13 s: four subprocess builds
 def test_bench_build_tiny(tmp_path: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "b.jsonl"
     engines = engines_in_config()

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -59,6 +61,7 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
     assert ratios["maml/plain flop bound"] == by["plain"]["gflop_per_step"] / by["maml"]["gflop_per_step"]
 
 
+@pytest.mark.slow  # ~4 s
 def test_bench_train_bf16_autocast_smoke(tmp_path: Path) -> None:
     args = ["--config", "criteo", "--rows", "1000", "--tasks", "8", "--steps", "1", "--warmup", "1"]
     lines = run_json("bench_train.py", *args, "--precision", "bf16", "--variants", "plain,maml", tmp=tmp_path)
@@ -67,6 +70,7 @@ def test_bench_train_bf16_autocast_smoke(tmp_path: Path) -> None:
     assert all(r["precision"] == "bf16" and positive(r["samples_per_s"]) for r in rows)
 
 
+@pytest.mark.slow  # ~3 s
 def test_bench_train_op_times_smoke(tmp_path: Path) -> None:
     args = ["--config", "criteo", "--rows", "1000", "--tasks", "8", "--profile-steps", "1"]
     lines = run_json("bench_train.py", *args, "--op-times", "--variants", "plain,maml", tmp=tmp_path)

@@ -115,6 +115,7 @@ def test_requeue_signal_checkpoints_at_the_next_step_boundary_and_resumes(
     assert resumed.global_step == 6
 
 
+@pytest.mark.slow  # ~8 s; tests/slurm submits real jobs
 def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run_entry_point(

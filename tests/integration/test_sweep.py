@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
 import yaml
 from entry_points import run_entry_point
 
@@ -33,6 +34,7 @@ def test_multirun_writes_one_dir_per_job_and_a_summary(tmp_path: Path) -> None:
     assert all("meta=" in r["overrides"] for r in rows)
 
 
+@pytest.mark.slow  # ~24 s; tests/slurm runs 2-rank jobs in a multirun for real
 def test_multirun_with_two_process_jobs_runs_each_job_once_in_its_own_dir(tmp_path: Path) -> None:
     """Lightning+Hydra pitfall: the script launcher re-ran ``-m`` (a sweep per child) and leaked
     LOCAL_RANK into the next job, which then waited forever for children (``gmeta.parallel.launch``)."""
@@ -61,6 +63,7 @@ def test_multirun_with_two_process_jobs_runs_each_job_once_in_its_own_dir(tmp_pa
     assert len(rows) == 2 * len(STATES) * 2
 
 
+@pytest.mark.slow  # ~7 s
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     run_entry_point(

@@ -104,6 +104,7 @@ def test_spark_builds_the_duckdb_tasks_on_synthetic_data(
         assert read_manifest(tmp_path / "spark").data["build"]["partitions"] > 3
 
 
+@pytest.mark.slow  # ~7 s
 def test_spark_hashed_fields_and_no_cold_start(spark, tmp_path):
     source = SyntheticSource(schema="criteo", num_users=40, seed=1, hash_buckets=1000)
     cfg = TaskConfig(label_threshold=None, new_user_quantile=None, new_item_rule=None, min_interactions=12)
@@ -111,6 +112,7 @@ def test_spark_hashed_fields_and_no_cold_start(spark, tmp_path):
     assert read_manifest(tmp_path / "spark").schema.field("C1").vocab_size == 1001
 
 
+@pytest.mark.slow  # ~8 s per format
 @pytest.mark.parametrize("fmt", [pytest.param("csv", marks=pytest.mark.slow), "parquet_dir"])
 def test_spark_scans_tabular_files_like_duckdb(spark, tmp_path, ml_table, fmt):
     df = ml_table[0][
@@ -150,6 +152,7 @@ def test_spark_parquet_datetime_and_csv_split_across_read_partitions(spark, tmp_
         spark.conf.unset("spark.sql.files.maxPartitionBytes")
 
 
+@pytest.mark.slow  # ~3 s per case; the in-memory bad-values test covers the messages
 @pytest.mark.parametrize(
     ("column", "value", "message"),
     [
