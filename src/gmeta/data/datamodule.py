@@ -724,7 +724,7 @@ class TaskDataModule(L.LightningDataModule):
         want = state.get("vocab_sha256")
         have = (self.manifest.data.get("vocab", {}) if self.manifest is not None else {}).get("sha256")
         if want and have and want != have:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint was trained with the vocabulary of {state.get('data_dir')} (sha256 "
                 f"{want[:12]}...), but {self.data_dir} holds another one ({have[:12]}...): ids would map "
                 "to other rows. Use the same shards, or start a new run instead of resuming"
@@ -792,7 +792,7 @@ class TaskDataModule(L.LightningDataModule):
         global_batch = self.batch_tasks if train else self.eval_batch_tasks
         if global_batch % world:
             name = "batch_tasks" if train else "eval_batch_tasks"
-            raise ValueError(
+            raise ConfigError(
                 f"data.{name}={global_batch} is the meta-batch over all ranks and must be divisible by the "
                 f"world size {world}"
             )
