@@ -44,7 +44,9 @@ class BuildOptions:
     """How an out-of-core build runs (``data.build`` in the Hydra config).
 
     Attributes:
-        memory_limit: DuckDB's memory limit (e.g. ``"3GB"``); beyond it, it spills to ``temp_dir``.
+        memory_limit: DuckDB's memory limit (e.g. ``"2500MB"``); beyond it, it spills to ``temp_dir``.
+            The build process adds ~1 GiB of its own (Python, pyarrow): 2500MB keeps the 128M-row
+            build under 4 GiB (docs/benchmarks.md).
         threads: DuckDB threads (None: all cores).
         workers: processes writing partitions (None: all cores; 1: in this process).
         rows_per_partition: input rows per partition (the unit a worker holds in memory).
@@ -54,7 +56,7 @@ class BuildOptions:
         spark_conf: ``data.engine=spark`` only: extra Spark settings for a session the build starts.
     """
 
-    memory_limit: str = "3GB"
+    memory_limit: str = "2500MB"
     threads: int | None = None
     workers: int | None = None
     rows_per_partition: int = 2_000_000
