@@ -29,13 +29,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_ranks import Column, emit_json_lines, print_table, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 DESIGNS = ("gathered", "sharded")
@@ -135,11 +135,7 @@ def run_rank(args: argparse.Namespace) -> None:
     comm.barrier("load done")
     out["load_s"] = time.perf_counter() - t0
     out["load_peak_added"] = _status_kb("VmHWM") * 1024 - base
-    out["local_table_bytes"] = sum(
-        b.numel() * b.element_size()
-        for n, b in model.embedding.named_buffers()
-        if n in model.embedding.row_buffers
-    )
+    out["local_table_bytes"] = sum(t.numel() * t.element_size() for t in model.embedding.row_state().values())
     # nothing was trained, so the loaded rows must be the initial ones: check 1000 against a rebuild
     table = model.embedding
     probe = table.global_rows()[:1000]
@@ -155,28 +151,10 @@ def run_rank(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, rows: int, design: str, workdir: Path) -> list[dict[str, Any]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     result = workdir / f"result_{design}_{rows}"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(args.world)}
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    cmd = [sys.executable, __file__, "--rows", str(rows), "--dim", str(args.dim), "--world", str(args.world)]
+    cmd = [__file__, "--rows", str(rows), "--dim", str(args.dim), "--world", str(args.world)]
     cmd += ["--design", design, "--dir", str(workdir), "--result", str(result)]
-    procs = [
-        subprocess.Popen([*cmd, "--rank", str(r)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
-        for r in range(args.world)
-    ]
-    deadline = time.monotonic() + 3600
-    while any(p.poll() is None for p in procs):
-        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            break
-        time.sleep(0.2)
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"{design}, {rows} rows: a rank failed or timed out: exit codes {codes}")
+    run_ranks(cmd, args.world, deadline_s=3600, what=f"{design}, {rows} rows")
     return [json.loads(result.with_suffix(f".rank{r}.json").read_text()) for r in range(args.world)]
 
 
@@ -212,21 +190,32 @@ def main() -> None:
             )
     gib = 2**30
     print(f"\n{args.world} gloo processes, dim {args.dim}, float32 + row-wise Adagrad")
-    header = f"{'rows':>11} {'design':<9} {'save s':>7} {'load s':>7} {'written/rank GiB':>22} {'save +peak GiB':>15} {'load +peak GiB':>15}"
-    print(header)
-    for line in lines:
-        written = "/".join(f"{b / gib:.2f}" for b in line["bytes_written_per_rank"])
-        print(
-            f"{line['rows']:>11,} {line['design']:<9} {line['save_s']:>7.1f} {line['load_s']:>7.1f} {written:>22} "
-            f"{line['save_peak_added_max'] / gib:>15.2f} {line['load_peak_added_max'] / gib:>15.2f}"
-        )
+    columns = [
+        Column("rows", 11, ","),
+        Column("design", 9, align="<"),
+        Column("save s", 7, ".1f"),
+        Column("load s", 7, ".1f"),
+        Column("written/rank GiB", 22),
+        Column("save +peak GiB", 15, ".2f"),
+        Column("load +peak GiB", 15, ".2f"),
+    ]
+    print_table(
+        columns,
+        [
+            (
+                line["rows"],
+                line["design"],
+                line["save_s"],
+                line["load_s"],
+                "/".join(f"{b / gib:.2f}" for b in line["bytes_written_per_rank"]),
+                line["save_peak_added_max"] / gib,
+                line["load_peak_added_max"] / gib,
+            )
+            for line in lines
+        ],
+    )
     print()
-    for line in lines:
-        print(json.dumps(line))
-    if args.json_out:
-        with args.json_out.open("a") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+    emit_json_lines(lines, args.json_out)
 
 
 if __name__ == "__main__":

@@ -25,13 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from bench_ranks import Column, emit_json_lines, print_table, run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,34 +135,12 @@ def run_rank(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace) -> list[list[dict[str, Any]]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     result = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_comm_{os.getpid()}"
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(args.world)}
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    cmd = [sys.executable, __file__, "--experiment", args.experiment, "--world", str(args.world)]
+    cmd = [__file__, "--experiment", args.experiment, "--world", str(args.world)]
     cmd += ["--steps", str(args.steps), "--result", str(result)]
     for o in args.override:
         cmd += ["--override", o]
-    procs = [
-        subprocess.Popen(
-            [*cmd, "--rank", str(r)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "NODE_RANK": "0"},
-            stdout=subprocess.DEVNULL if r else None,
-        )
-        for r in range(args.world)
-    ]
-    deadline = time.monotonic() + 1800
-    while any(p.poll() is None for p in procs):  # one rank failing ends the others at once
-        if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
-            for p in procs:
-                p.kill()
-            break
-        time.sleep(0.2)
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise SystemExit(f"a rank failed or timed out: exit codes {codes}")
+    run_ranks(cmd, args.world, deadline_s=1800, quiet_others=True)
     out = []
     for r in range(args.world):
         path = result.with_suffix(f".rank{r}.json")
@@ -188,17 +165,24 @@ def summarize(args: argparse.Namespace, per_rank: list[list[dict[str, Any]]]) ->
             naive_calls.append(step["naive"]["collectives"])
             step_s.append(step["step_s"])
     print(f"\n{args.experiment}: {args.world} gloo processes, {args.steps} meta-steps (first skipped)")
-    print(f"{'tag':<16} {'bytes sent / rank / step (median)':>34}")
-    for tag, values in measured_tags.items():
-        print(f"{tag:<16} {statistics.median(values):>34,.0f}")
     med = statistics.median
+    print_table(
+        [Column("tag", 16, align="<"), Column("bytes sent / rank / step (median)", 34, ",.0f")],
+        [(tag, med(values)) for tag, values in measured_tags.items()],
+    )
     rows = [
         ("gmeta", med(per_step_calls), med(per_step_bytes)),
         ("naive", med(naive_calls), med(per_step_naive)),
     ]
-    print(f"\n{'design':<8} {'collectives/step':>17} {'bytes/rank/step':>16}")
-    for name, calls, b in rows:
-        print(f"{name:<8} {calls:>17.0f} {b:>16,.0f}")
+    print()
+    print_table(
+        [
+            Column("design", 8, align="<"),
+            Column("collectives/step", 17, ".0f"),
+            Column("bytes/rank/step", 16, ",.0f"),
+        ],
+        rows,
+    )
     print(f"naive/gmeta bytes: {rows[1][2] / rows[0][2]:.2f}x; median step {1000 * med(step_s):.1f} ms\n")
     lines = [
         {
@@ -212,12 +196,7 @@ def summarize(args: argparse.Namespace, per_rank: list[list[dict[str, Any]]]) ->
         }
         for name, calls, b in rows
     ]
-    for line in lines:
-        print(json.dumps(line))
-    if args.json_out:
-        with args.json_out.open("a") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+    emit_json_lines(lines, args.json_out)
 
 
 def main() -> None:

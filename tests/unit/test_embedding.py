@@ -1,4 +1,5 @@
-"""EmbeddingCollection: one lookup per meta-batch, functional gather, row-wise optimizers."""
+"""EmbeddingCollection (the table held whole): one lookup per meta-batch, functional gather, row-wise
+optimizers."""
 
 from __future__ import annotations
 
@@ -7,13 +8,9 @@ import torch
 from tiny_tasks import random_batch
 
 from gmeta.data.schema import FieldSpec, Schema
-from gmeta.model.embedding import (
-    EmbeddingCollection,
-    RowWiseAdagrad,
-    RowWiseAdam,
-    RowWiseSGD,
-    gather_embeddings,
-)
+from gmeta.model.embedding import EmbeddingCollection, LocalIndex
+from gmeta.model.gather import gather, set_index
+from gmeta.model.row_optim import RowWiseAdagrad, RowWiseAdam, RowWiseSGD
 
 VOCAB = (7, 5, 9, 6)  # two sparse then two multi-hot fields
 NUM_SPARSE = 2
@@ -41,13 +38,17 @@ def test_one_lookup_covers_support_and_query_ids():
     torch.testing.assert_close(lk.rows, emb.weight[lk.unique_ids], rtol=0, atol=0)
 
 
+def embed(rows: torch.Tensor, idx: LocalIndex) -> torch.Tensor:
+    return gather(rows, set_index(idx, rows.dtype))
+
+
 def test_gather_equals_direct_table_indexing_and_hand_mean_pooling():
     emb = make_collection()
     batch = random_batch(2, [4, 2, 5], [3, 1, 2], max_len=4)
     lk = emb.lookup(batch)
     tables = torch.split(emb.weight, VOCAB)  # per-field views of the concatenated weight
     for idx, s in ((lk.support, batch.support), (lk.query, batch.query)):
-        out = gather_embeddings(lk.rows, idx.sparse, idx.multi_hot, idx.multi_hot_mask)
+        out = embed(lk.rows, idx)
         t, n = s.label.shape
         assert out.shape == (t, n, len(VOCAB), emb.dim)
         for f in range(NUM_SPARSE):
@@ -70,8 +71,8 @@ def test_row_grads_are_per_unique_id_sums_of_the_dense_table_grad():
     target = torch.randn(3, 5, len(VOCAB), emb.dim, dtype=torch.float64)
 
     def loss_of(rows):
-        e = gather_embeddings(rows, lk.support.sparse, lk.support.multi_hot, lk.support.multi_hot_mask)
-        q = gather_embeddings(rows, lk.query.sparse, lk.query.multi_hot, lk.query.multi_hot_mask)
+        e = embed(rows, lk.support)
+        q = embed(rows, lk.query)
         return (e * target[:, : e.shape[1]]).sum() + q.pow(2).sum()
 
     loss_of(lk.rows).backward()

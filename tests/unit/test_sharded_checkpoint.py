@@ -21,10 +21,12 @@ VOCABS = (40, 31, 23, 12)
 
 
 class Tiny(nn.Module):
-    def __init__(self, vocabs=VOCABS, dim: int = 4, names=None, deferred: bool = False) -> None:
+    def __init__(
+        self, vocabs=VOCABS, dim: int = 4, names=None, deferred: bool = False, init_seed: int = 5
+    ) -> None:
         super().__init__()
         self.embedding = EmbeddingCollection(
-            vocabs, 2, dim, init_seed=5, field_names=names, device="meta" if deferred else None
+            vocabs, 2, dim, init_seed=init_seed, field_names=names, device="meta" if deferred else None
         ).double()
         self.tower = nn.Linear(dim, 1).double()
 
@@ -42,7 +44,8 @@ def save(model: nn.Module, path: Path, block_bytes: int = 64) -> None:
     sc.save_sharded(checkpoint, path, model, Communicator(), block_bytes=block_bytes)
 
 
-def test_round_trip_in_blocks_restores_every_row_and_the_rest(tmp_path):
+@pytest.mark.parametrize("deferred", [True, False])
+def test_round_trip_in_blocks_restores_every_row_and_the_rest(tmp_path, deferred):
     model = trained()
     path = tmp_path / "last.ckpt"
     save(model, path)  # 64-byte blocks: 2 rows of 4 float64 each, many blocks
@@ -52,7 +55,14 @@ def test_round_trip_in_blocks_restores_every_row_and_the_rest(tmp_path):
     assert "gmeta_sharded" not in whole
     for key, value in model.state_dict().items():
         torch.testing.assert_close(whole["state_dict"][key], value, rtol=0, atol=0, msg=key)
-    fresh = Tiny(deferred=True)  # a deferred table: allocated by the load, not initialised whole
+    if deferred:  # allocated by the load, not initialised whole
+        fresh = Tiny(deferred=True)
+    else:  # built, with other rows, other optimizer state and another tower: all replaced by the load
+        fresh = Tiny(init_seed=6)
+        with torch.no_grad():
+            fresh.embedding.optimizer.sum_sq.fill_(3.0)
+        for key, value in fresh.state_dict().items():
+            assert not torch.equal(value, model.state_dict()[key]), key
     state = sc.load_sharded_into(fresh, path)["state_dict"]
     fresh.load_state_dict(state)
     assert torch.equal(fresh.embedding.weight, model.embedding.weight)

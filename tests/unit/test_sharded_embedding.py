@@ -1,20 +1,29 @@
-"""Row-wise sharding rules, shard shapes and checkpoint (re)sharding, without processes.
+"""Row-wise sharding rules, shard shapes, checkpoint (re)sharding and the row exchanges, without processes.
 
-One ``ShardedEmbeddingCollection`` per simulated rank (a communicator that only states rank and world
-size); the exchanges themselves are tested against one process in ``tests/distributed``.
+One ``ShardedEmbeddingCollection`` per simulated rank: a communicator that only states rank and world
+size (construction, loading), or ranks as threads of this process exchanging through shared memory
+(lookups and gradient steps against the table held whole). Real processes: ``tests/distributed``.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import pytest
 import torch
+from tiny_tasks import random_batch
+from torch import Tensor
 
-from gmeta.model.embedding import EmbeddingCollection
+from gmeta.model.embedding import EmbeddingCollection, EmbeddingLookup, EmbeddingTable
 from gmeta.parallel.sharded_embedding import ShardedEmbeddingCollection, owned_rows
 
 VOCABS = (101, 7, 1000, 3, 50)
+NUM_SPARSE = 3
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -24,13 +33,63 @@ class FakeComm:
     timeout_s: float | None = None
 
 
-def local_table(optimizer: str = "adagrad") -> EmbeddingCollection:
-    torch.manual_seed(0)
+class ThreadComm:
+    """The collectives the sharded table uses, between ranks that are threads of this process."""
+
+    def __init__(self, rank: int, world_size: int, barrier: threading.Barrier, slots: list[Any]) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, None
+        self._barrier, self._slots = barrier, slots
+
+    def _exchange(self, value: Any) -> list[Any]:
+        self._slots[self.rank] = value
+        self._barrier.wait()
+        out = list(self._slots)
+        self._barrier.wait()  # no rank overwrites its slot before every rank has read it
+        return out
+
+    def all_to_all(
+        self, send: Tensor, send_counts: Sequence[int], recv_counts: Sequence[int], tag: str
+    ) -> Tensor:
+        blocks = self._exchange(send.split([int(c) for c in send_counts]))
+        received = [b[self.rank] for b in blocks]
+        assert [r.shape[0] for r in received] == list(recv_counts), tag
+        return torch.cat(received)
+
+    def all_gather_rows(self, tensor: Tensor, tag: str) -> list[Tensor]:
+        return [t.clone() for t in self._exchange(tensor)]
+
+
+def on_threads(world: int, fn: Callable[[ThreadComm], T]) -> list[T]:
+    """``fn(comm)`` on ``world`` threads, one per rank; the first error of any rank is raised."""
+    barrier, slots = threading.Barrier(world, timeout=60), [None] * world
+    results: list[Any] = [None] * world
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            results[rank] = fn(ThreadComm(rank, world, barrier, slots))
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            errors.append(exc)
+            barrier.abort()  # the other ranks stop waiting for this one
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
+    if real or errors:
+        raise (real or errors)[0]
+    return results
+
+
+def local_table(optimizer: str = "adagrad", seed: int = 0) -> EmbeddingCollection:
+    torch.manual_seed(seed)
     table = EmbeddingCollection(
-        VOCABS, num_sparse=3, dim=4, optimizer=optimizer, optimizer_kwargs={"lr": 0.1}
+        VOCABS, num_sparse=NUM_SPARSE, dim=4, optimizer=optimizer, optimizer_kwargs={"lr": 0.1}
     )
-    for buf in table.optimizer.buffers():  # non-trivial optimizer state
-        buf.copy_(torch.rand_like(buf.float()).to(buf.dtype) * 10)
+    for buf in table.optimizer.buffers():  # non-trivial optimizer state (Adam's step counts too)
+        buf.copy_((torch.rand_like(buf.float()) * 10).to(buf.dtype))
     return table
 
 
@@ -52,15 +111,24 @@ def test_each_rank_holds_about_one_wth_of_every_table(world):
     assert total == table.num_total_rows
 
 
+def assert_rows_differ(shard: ShardedEmbeddingCollection, table: EmbeddingCollection) -> None:
+    """Every row-indexed tensor of ``shard`` differs from the owned rows of ``table``: a load that
+    left any of them alone would fail the test."""
+    own = slice(shard.rank, None, shard.world_size)
+    full = table.row_state()
+    for name, value in shard.row_state().items():
+        assert not torch.equal(value, full[name][own]), name
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adagrad", "adam"])
 def test_full_checkpoint_loads_on_any_world_size(optimizer):
     table = local_table(optimizer)
     state = table.state_dict()
     for world in (1, 2, 4):
         for rank in range(world):
-            shard = ShardedEmbeddingCollection(local_table(optimizer), FakeComm(rank, world))
-            with torch.no_grad():
-                shard.weight.zero_()
+            # another seed: other rows and other optimizer state, all replaced by the load
+            shard = ShardedEmbeddingCollection(local_table(optimizer, seed=1), FakeComm(rank, world))
+            assert_rows_differ(shard, table)
             shard.load_state_dict(state)
             assert torch.equal(shard.weight, table.weight[rank::world])
             for name, buf in table.optimizer.named_buffers():
@@ -70,7 +138,11 @@ def test_full_checkpoint_loads_on_any_world_size(optimizer):
 def test_raw_shard_state_loads_only_on_the_same_rank_and_world():
     table = local_table()
     raw = ShardedEmbeddingCollection(table, FakeComm(1, 2)).state_dict()
-    ShardedEmbeddingCollection(table, FakeComm(1, 2)).load_state_dict(raw)  # same layout: fine
+    other = ShardedEmbeddingCollection(local_table(seed=1), FakeComm(1, 2))
+    assert_rows_differ(other, table)
+    other.load_state_dict(raw)  # same rank and world: loads as is
+    for name, value in other.row_state().items():
+        assert torch.equal(value, raw[name]), name
     with pytest.raises(ValueError, match=r"shard of rank 1 of a world of 2.*rank 0 of 4"):
         ShardedEmbeddingCollection(table, FakeComm(0, 4)).load_state_dict(raw)
     with pytest.raises(ValueError, match=r"row shard of rank 1 of 2.*full table"):
@@ -125,3 +197,100 @@ def test_a_deferred_table_materialises_whole_on_load_or_on_demand():
     loaded = EmbeddingCollection(VOCABS, num_sparse=3, dim=4, device="meta", init_seed=99)
     loaded.load_state_dict(whole.state_dict())
     assert torch.equal(loaded.weight, whole.weight) and not loaded.weight.is_meta
+
+
+# -- the exchanges, ranks as threads ---------------------------------------------------------------
+
+
+def probe_loss(lookup: EmbeddingLookup) -> Tensor:
+    """A loss whose gradient w.r.t. each row depends on its global id (so misrouted gradients show)."""
+    ids = lookup.unique_ids.to(lookup.rows.dtype)
+    coeff = torch.sin(ids[:, None] * torch.arange(1, lookup.rows.shape[1] + 1, dtype=ids.dtype))
+    return (lookup.rows * coeff).sum() * lookup.loss_share
+
+
+def batches(world: int) -> list[Any]:
+    """One batch per rank, with ids shared between ranks (rows several ranks update)."""
+    return [
+        random_batch(10 + r, [4, 2, 5], [3, 1, 2], vocab_sizes=VOCABS, num_sparse=NUM_SPARSE)
+        for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("optimizer", ["adagrad", "adam"])
+def test_a_sharded_step_equals_the_whole_table_step_on_all_ranks_batches(world, optimizer):
+    whole = local_table(optimizer).double()
+    data = batches(world)
+    weights = [r + 1 for r in range(world)]  # unequal loss weights: loss_share = w_r / sum(w)
+
+    # reference: the whole table looks up each rank's batch; one step on the per-row sum of grads
+    ref = local_table(optimizer).double()
+    ids, grads, want_rows = [], [], []
+    for r in range(world):
+        lk = ref.lookup(data[r])
+        lk.loss_share = weights[r] / sum(weights)
+        probe_loss(lk).backward()
+        ids.append(lk.unique_ids)
+        grads.append(lk.rows.grad)
+        want_rows.append(lk.rows.detach().clone())
+    unique, inverse = torch.unique(torch.cat(ids), return_inverse=True)
+    summed = torch.zeros(unique.shape[0], 4, dtype=torch.float64).index_add_(0, inverse, torch.cat(grads))
+    ref.apply_row_gradients(unique, summed)
+
+    def step(comm: ThreadComm, with_routing: bool) -> tuple[EmbeddingLookup, dict[str, Tensor]]:
+        shard = ShardedEmbeddingCollection(whole, comm)
+        assert isinstance(shard, EmbeddingTable)
+        lk = shard.lookup(data[comm.rank], loss_weight=weights[comm.rank])
+        probe_loss(lk).backward()
+        if with_routing:
+            shard.apply_gradients(lk)
+        else:  # the ids travel with the gradients
+            shard.apply_row_gradients(lk.unique_ids, lk.rows.grad)
+        return lk, shard.full_state_dict()
+
+    for with_routing in (True, False):
+        results = on_threads(world, lambda comm, w=with_routing: step(comm, w))
+        for r, (lk, _) in enumerate(results):
+            assert lk.loss_share == weights[r] / sum(weights)
+            assert torch.equal(lk.rows.detach(), want_rows[r])  # the owners' rows, in unique-id order
+        for r, (_, full) in enumerate(results):
+            for name, value in ref.row_state().items():
+                torch.testing.assert_close(full[name], value, rtol=1e-12, atol=0, msg=f"rank {r}: {name}")
+
+
+def test_an_out_of_range_id_on_one_rank_fails_on_every_rank_naming_it():
+    whole = local_table()
+    data = batches(2)
+    data[1].query.sparse[2, 0, 1] = 7  # field 1 has vocab 7: ids 0..6
+
+    def lookup(comm: ThreadComm) -> str:
+        with pytest.raises(ValueError) as info:
+            ShardedEmbeddingCollection(whole, comm).lookup(data[comm.rank])
+        return str(info.value)
+
+    messages = on_threads(2, lookup)
+    for rank, message in enumerate(messages):
+        assert message == (
+            f"rank 1's batch: query set, task 2, sample 0, field 'field1': id 7 outside [0, 7) "
+            f"(reported on rank {rank} of 2)"
+        )
+
+
+def test_a_lookup_updates_only_the_table_kind_that_made_it():
+    whole = local_table()
+    data = batches(2)
+
+    def sharded_lookup(comm: ThreadComm) -> EmbeddingLookup:
+        shard = ShardedEmbeddingCollection(whole, comm)
+        lk = shard.lookup(data[comm.rank])
+        shard.apply_gradients(lk)  # no gradient: every rank still takes part, nothing moves
+        assert torch.equal(shard.weight, whole.weight[comm.rank :: 2])
+        return lk
+
+    lk = on_threads(2, sharded_lookup)[0]
+    with pytest.raises(ValueError, match=r"came from a row-sharded table"):
+        whole.apply_gradients(lk)
+    shard = ShardedEmbeddingCollection(whole, FakeComm(0, 1))
+    with pytest.raises(ValueError, match=r"did not come from a ShardedEmbeddingCollection"):
+        shard.apply_gradients(whole.lookup(data[0]))

@@ -43,6 +43,10 @@ class DLRM(nn.Module):
             the DLRM paper.
     """
 
+    # index buffers of the strict upper triangle, registered for ``dot`` interaction only
+    triu_rows: Tensor
+    triu_cols: Tensor
+
     def __init__(
         self,
         num_fields: int,

@@ -95,7 +95,7 @@ def fill_normal_rows_(out: Tensor, seed: int, offsets: Tensor, global_rows: Tens
     Args:
         out: (R, d) table (or shard) to fill, any floating dtype.
         seed: the table's init seed.
-        offsets: (F,) first global row of each field (the concatenated layout of ``EmbeddingCollection``).
+        offsets: (F,) first global row of each field (``gmeta.model.embedding.RowLayout``).
         global_rows: (R,) int64 global row ids, field offsets included.
         std: standard deviation.
     """

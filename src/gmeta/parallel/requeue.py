@@ -155,7 +155,9 @@ class StopOnSignal(L.Callback):
             path = Path(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
             trainer.save_checkpoint(path)  # every rank: gathers the sharded tables
         else:
-            last = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
+            # Trainer.callbacks is set by its CallbackConnector, so Lightning does not type it
+            callbacks = trainer.callbacks  # type: ignore[attr-defined]
+            last = next((c for c in callbacks if isinstance(c, LastCheckpoint)), None)
             if last is not None:
                 path = last.save(trainer)
             else:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gmeta.model.embedding import EmbeddingCollection
+from gmeta.model.embedding import EmbeddingTable, owned_rows
 from gmeta.parallel.comm import Communicator
 
 log = logging.getLogger(__name__)
@@ -67,22 +67,21 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
 # -- layout ---------------------------------------------------------------------------------------
 
 
-def tables_of(module: nn.Module) -> dict[str, EmbeddingCollection]:
+def tables_of(module: nn.Module) -> dict[str, EmbeddingTable]:
     """Qualified name -> every embedding table (sharded or not) inside ``module``."""
-    return {n: m for n, m in module.named_modules() if isinstance(m, EmbeddingCollection)}
+    return {n: m for n, m in module.named_modules() if isinstance(m, EmbeddingTable)}
 
 
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
 
-def table_layout(table: EmbeddingCollection) -> dict[str, Any]:
+def table_layout(table: EmbeddingTable) -> dict[str, Any]:
     """What must agree between a checkpoint and a model for its rows to load (world size excluded)."""
-    buffers = {}
-    own = dict(table.named_buffers())
-    for buf in table.row_buffers:
-        t = own[buf]
-        buffers[buf] = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
+    buffers = {
+        buf: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape[1:])}
+        for buf, t in table.row_state().items()
+    }
     return {
         "fields": [[n, int(v)] for n, v in zip(table.field_names, table.vocab_sizes, strict=True)],
         "num_rows": table.num_total_rows,
@@ -119,14 +118,10 @@ def block_key(name: str, buf: str, rank: int, start: int) -> str:
     return f"{_prefix(name)}{buf}/rank{rank}/rows{start}"
 
 
-def owned_count(num_rows: int, world: int, rank: int) -> int:
-    return (num_rows - rank + world - 1) // world
-
-
 def _blocks(num_rows: int, world: int, block_rows: int) -> Iterator[tuple[int, int, int]]:
     """Every stored block (rank, first local row, rows) of a table saved on ``world`` ranks."""
     for rank in range(world):
-        n = owned_count(num_rows, world, rank)
+        n = owned_rows(num_rows, world, rank)
         for start in range(0, n, block_rows):
             yield rank, start, min(block_rows, n - start)
 
@@ -194,10 +189,11 @@ def save_sharded(
         row_bytes = table.dim * table.weight.element_size()
         block_rows = max(1, block_bytes // row_bytes)
         layouts[name]["block_rows"] = block_rows
-        world = getattr(table, "world_size", 1)
-        rank = getattr(table, "rank", 0)
-        if world != comm.world_size or rank != comm.rank:
-            raise CheckpointError(f"table {name!r} is sharded as rank {rank} of {world}, not as this process")
+        if (table.world_size, table.rank) != (comm.world_size, comm.rank):
+            raise CheckpointError(
+                f"table {name!r} holds the rows of rank {table.rank} of {table.world_size}, not of this "
+                f"process (rank {comm.rank} of {comm.world_size})"
+            )
         for buf in table.row_buffers:
             local = state.pop(_prefix(name) + buf)
             for start in range(0, local.shape[0], block_rows):
@@ -280,7 +276,7 @@ def read_rows(
     saved_world, block_rows, num_rows = info["world_size"], layout["block_rows"], layout["num_rows"]
     spec = layout["buffers"][buf]
     dtype = getattr(torch, spec["dtype"])
-    if dest.shape[0] != owned_count(num_rows, world, rank):
+    if dest.shape[0] != owned_rows(num_rows, world, rank):
         raise CheckpointError(f"{buf}: {dest.shape[0]} destination rows for rank {rank} of {world}")
     filled = torch.zeros(dest.shape[0], dtype=torch.int32)
     pending: dict[str, tuple[Tensor, Any, Tensor]] = {}  # key -> (block, its rows kept, their dest rows)
@@ -381,13 +377,12 @@ def load_sharded_into(module: nn.Module, path: str | os.PathLike) -> dict[str, A
         if not table.is_materialized:
             table.materialize(init=False)
         check_layout(path, name, info["tables"][name], table_layout(table))
-        rank, world = getattr(table, "rank", 0), getattr(table, "world_size", 1)
-        own = dict(table.named_buffers())
-        for buf in table.row_buffers:
-            read_rows(path, info, name, buf, own[buf], rank, world)
-            state[_prefix(name) + buf] = own[buf]
-        if "shard_info" in own:
-            state[_prefix(name) + "shard_info"] = own["shard_info"]
+        rows = table.row_state()
+        for buf, dest in rows.items():
+            read_rows(path, info, name, buf, dest, table.rank, table.world_size)
+        # the rows as read, and the table's other state (a shard's shard_info: "these are my rows")
+        for key, value in table.state_dict().items():
+            state[_prefix(name) + key] = rows.get(key, value)
     return meta
 
 

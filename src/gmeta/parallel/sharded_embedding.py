@@ -1,8 +1,8 @@
 """Row-wise sharded embedding tables: each rank owns 1/W of the rows of every table.
 
-Ownership rule: global row ``g`` (field offsets added, see ``EmbeddingCollection``) lives on rank
-``g % W`` at local row ``g // W``. Modulo rather than contiguous blocks because (a) every table is
-split about evenly (a contiguous split of the concatenated rows would put whole small tables on one
+Ownership rule (``EmbeddingTable``): global row ``g`` (field offsets added, see ``RowLayout``) lives
+on rank ``g % W`` at local row ``g // W``. Modulo rather than contiguous blocks because (a) every table
+is split about evenly (a contiguous split of the concatenated rows would put whole small tables on one
 rank) and (b) popular ids, which tend to be small numbers after frequency-sorted encoding, spread over
 all ranks instead of loading one.
 
@@ -22,47 +22,43 @@ number of ranks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from gmeta.data.batch import TaskBatch
-from gmeta.model.embedding import EmbeddingCollection, EmbeddingLookup
-from gmeta.parallel.comm import Communicator
+from gmeta.model.embedding import (
+    BadId,
+    EmbeddingCollection,
+    EmbeddingLookup,
+    EmbeddingTable,
+    Routing,
+    owned_rows,
+)
+from gmeta.parallel.comm import RowExchange
 
-# Columns of the per-destination header row exchanged first in every lookup.
+__all__ = [
+    "Routing",
+    "ShardedEmbeddingCollection",
+    "gathered_state_dict",
+    "owned_rows",
+    "shard_embeddings",
+    "sharded_tables",
+]
+
+# Columns of the per-destination header row exchanged first in every lookup: the ids sent, the loss
+# weight, then a bad-id report (a flag and the ``BadId`` fields).
 _COUNT, _WEIGHT, _BAD, _WHICH, _TASK, _SAMPLE, _FIELD, _ID = range(8)
 _HEADER = 8
-_SETS = ("support", "query")
 
 
-def owned_rows(num_rows: int, world_size: int, rank: int) -> int:
-    """How many of ``num_rows`` global rows rank ``rank`` owns under the ``g % W`` rule."""
-    return (num_rows - rank + world_size - 1) // world_size
-
-
-@dataclass
-class Routing:
-    """How one lookup's rows travelled, kept for the gradient exchange of the same step.
-
-    Attributes:
-        order: (U,) permutation of the unique ids that groups them by owner rank.
-        send_counts: ids this rank requested from each rank.
-        recv_counts: ids each rank requested from this rank.
-        served_rows: (R,) local rows of this shard that were served, in receive order.
-    """
-
-    order: Tensor
-    send_counts: list[int]
-    recv_counts: list[int]
-    served_rows: Tensor
-
-
-class ShardedEmbeddingCollection(EmbeddingCollection):
-    """The rows of an ``EmbeddingCollection`` owned by this rank; same interface (``lookup``,
-    ``apply_gradients``), so the LightningModule does not know which one it holds.
+class ShardedEmbeddingCollection(EmbeddingTable):
+    """The rows of a table that this rank owns; lookups and gradient steps exchange rows with the
+    other ranks' shards (``Communicator.all_to_all``), so the LightningModule does not know which
+    ``EmbeddingTable`` it holds. Every collective method must be called by every rank, in the same
+    order: ``lookup``, ``apply_gradients``, ``apply_row_gradients``, ``full_state_dict``.
 
     Built from an ``EmbeddingCollection`` that describes the table (vocab sizes, dim, init seed,
     optimizer). If that table is deferred (``device="meta"``, as ``MetaDLRMModule`` builds it), this
@@ -72,97 +68,77 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
 
     Args:
         local: the table to shard (left untouched).
-        comm: the communicator (its rank and world size define the shard).
+        comm: the communicator (its rank and world size define the shard), normally a ``Communicator``.
     """
 
-    def __init__(self, local: EmbeddingCollection, comm: Communicator) -> None:
-        # Deliberately not EmbeddingCollection.__init__: that would allocate the full table again.
-        nn.Module.__init__(self)
+    shard_info: Tensor
+
+    def __init__(self, local: EmbeddingCollection, comm: RowExchange) -> None:
+        super().__init__(
+            copy.deepcopy(local.layout),  # on the local table's device
+            local.dim,
+            init_std=local.init_std,
+            optimizer=local.optimizer_name,
+            optimizer_kwargs=local.optimizer_kwargs,
+            check_ids=local.check_ids,
+            init_seed=local.init_seed,
+            rank=comm.rank,
+            world_size=comm.world_size,
+        )
         self.comm = comm
-        self.rank, self.world_size = comm.rank, comm.world_size
-        for attr in (
-            "vocab_sizes",
-            "field_names",
-            "num_sparse",
-            "dim",
-            "init_std",
-            "check_ids",
-            "init_seed",
-            "optimizer_name",
-            "optimizer_kwargs",
-        ):
-            setattr(self, attr, getattr(local, attr))
-        self.num_total_rows = local.num_total_rows
-        self.register_buffer("offsets", local.offsets.clone(), persistent=False)
-        self.register_buffer("sizes", local.sizes.clone(), persistent=False)
         self.register_buffer(
             "shard_info", torch.tensor([self.world_size, self.rank, self.num_total_rows], dtype=torch.long)
         )
         for name, buf in local.optimizer.named_buffers(recurse=False):
             if buf.shape[0] != local.num_total_rows:
                 raise ValueError(f"optimizer buffer {name!r} is not row-indexed: shape {tuple(buf.shape)}")
-        num_local = owned_rows(self.num_total_rows, self.world_size, self.rank)
-        if local.is_materialized:
+        # Layout and dtypes first, on the meta device: nothing of the size of the table is allocated.
+        self._allocate_rows(device="meta", dtype=local.weight.dtype, like=local.optimizer)
+        if local.is_materialized:  # copy the owned rows and their state
             own = slice(self.rank, None, self.world_size)
-            self.register_buffer("weight", local.weight[own].clone())
-            self.optimizer = self.new_row_optimizer(num_local, like=local.optimizer)
+            self.weight = local.weight[own].clone()
             for name, buf in local.optimizer.named_buffers(recurse=False):
                 setattr(self.optimizer, name, buf[own].clone())
         else:  # per-rank construction: only this rank's rows, initialised as the whole table would be
-            self.register_buffer("weight", torch.empty(num_local, self.dim, dtype=local.weight.dtype))
-            self.optimizer = self.new_row_optimizer(num_local, like=local.optimizer)
-            self.reset_parameters()
-
-    def global_rows(self) -> Tensor:
-        """(R,) int64 global row id of each local row: ``rank, rank + W, ...``."""
-        return torch.arange(self.rank, self.num_total_rows, self.world_size)
-
-    @property
-    def num_local_rows(self) -> int:
-        return int(self.weight.shape[0])
+            self.materialize()
 
     # -- lookup ---------------------------------------------------------------------------------
-    def _header(self, loss_weight: int, send_counts: Tensor) -> Tensor:
+    def _exchange_headers(self, loss_weight: int, send_counts: Tensor, bad: BadId | None) -> Tensor:
+        """(W, _HEADER) int64 on the CPU: row r is what rank r sent this rank (counts, weight, report)."""
         header = torch.zeros(self.world_size, _HEADER, dtype=torch.long)
         header[:, _COUNT] = send_counts
         header[:, _WEIGHT] = int(loss_weight)
-        return header
+        if bad is not None:
+            header[:, _BAD] = 1
+            header[:, _WHICH : _ID + 1] = torch.tensor(list(bad))
+        ones = [1] * self.world_size
+        return self.comm.all_to_all(header.to(self.weight.device), ones, ones, tag="lookup/header").cpu()
 
-    def _raise_bad_ids(self, headers: Tensor) -> None:
-        """Every rank raises the same error naming the first rank with an out-of-range id."""
+    def _bad_id_error(self, headers: Tensor) -> ValueError | None:
+        """The same error on every rank, naming the first rank with an out-of-range id (None if none)."""
         bad_ranks = (headers[:, _BAD] != 0).nonzero().flatten().tolist()
         if not bad_ranks:
-            return
+            return None
         r = bad_ranks[0]
-        h = headers[r].tolist()
-        detail = self.bad_id_message(_SETS[h[_WHICH]], h[_TASK], h[_SAMPLE], h[_FIELD], h[_ID])
-        raise ValueError(f"rank {r}'s batch: {detail} (reported on rank {self.rank} of {self.world_size})")
+        detail = self.layout.bad_id_message(BadId(*headers[r, _WHICH : _ID + 1].tolist()))
+        return ValueError(f"rank {r}'s batch: {detail} (reported on rank {self.rank} of {self.world_size})")
 
     def lookup(self, batch: TaskBatch, loss_weight: int = 1) -> EmbeddingLookup:
         """Rows of every id of the batch from their owners: three all_to_all exchanges, whatever the
-        number of tasks, sets or fields. Every rank must call it the same number of times."""
+        number of tasks, sets or fields (see ``EmbeddingTable.lookup``). A collective."""
         comm, w = self.comm, self.world_size
-        bad = None
-        if self.check_ids:
-            for which, s in enumerate((batch.support, batch.query)):
-                found = self.find_bad_id(s)
-                if found is not None:
-                    bad = (which, *found)
-                    break
-        if bad is None:
-            unique, support, query = self.index(batch)
-        else:  # don't index garbage: report it in the header, then every rank raises
-            unique = torch.empty(0, dtype=torch.long, device=self.weight.device)
-            support = query = None
+        bad = self.layout.first_bad_id(batch) if self.check_ids else None
+        if bad is not None:  # don't index garbage: report it in the header, so that every rank raises
+            headers = self._exchange_headers(loss_weight, torch.zeros(w, dtype=torch.long), bad)
+            raise self._bad_id_error(headers) or ValueError(self.layout.bad_id_message(bad))
+        unique, support, query = self.layout.index(batch)
         owner = unique % w
         order = torch.argsort(owner, stable=True)
         send_counts = torch.bincount(owner, minlength=w).cpu()
-        header = self._header(loss_weight, send_counts)
-        if bad is not None:
-            header[:, _BAD] = 1
-            header[:, _WHICH : _ID + 1] = torch.tensor(bad)
-        headers = comm.all_to_all(header.to(self.weight.device), [1] * w, [1] * w, tag="lookup/header").cpu()
-        self._raise_bad_ids(headers)
+        headers = self._exchange_headers(loss_weight, send_counts, None)
+        error = self._bad_id_error(headers)
+        if error is not None:  # another rank's batch
+            raise error
         recv_counts = headers[:, _COUNT].tolist()
         total_weight = int(headers[:, _WEIGHT].sum())
         send_list = send_counts.tolist()
@@ -173,7 +149,6 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         received = comm.all_to_all(served, recv_counts, send_list, tag="lookup/rows")
         rows = torch.empty_like(received)
         rows[order] = received
-        assert support is not None and query is not None
         return EmbeddingLookup(
             unique_ids=unique,
             rows=rows.detach().requires_grad_(True),
@@ -185,26 +160,54 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
 
     # -- update ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def apply_gradients(self, lookup: EmbeddingLookup) -> None:
-        """Send each row's gradient to its owner (one all_to_all), sum per row, step the owned rows.
+    def _step_received(self, local_rows: Tensor, grads: Tensor) -> None:
+        """Sum the gradients received for each local row (several ranks may send one row) and step
+        those rows."""
+        if local_rows.numel() == 0:
+            return
+        rows, inverse = torch.unique(local_rows, return_inverse=True)
+        summed = grads.new_zeros(rows.shape[0], self.dim).index_add_(0, inverse, grads)
+        self.optimizer.step(self.weight, rows, summed.to(self.weight.dtype))
 
-        Every rank must call it once per lookup that was differentiated, even with no gradient.
-        """
-        routing: Routing | None = lookup.routing
+    @torch.no_grad()
+    def apply_gradients(self, lookup: EmbeddingLookup) -> None:
+        """Send each row's gradient to its owner along the lookup's routing (one all_to_all), sum per
+        row, step the owned rows. A collective: every rank calls it once per lookup that was
+        differentiated, even with no gradient."""
+        routing = lookup.routing
         if routing is None:
-            raise ValueError("this lookup did not come from a ShardedEmbeddingCollection")
+            raise ValueError(
+                "this lookup did not come from a ShardedEmbeddingCollection (it has no Routing): apply "
+                "its gradients through the table that made it"
+            )
         grads = lookup.rows.grad if lookup.rows.grad is not None else torch.zeros_like(lookup.rows)
         received = self.comm.all_to_all(
             grads[routing.order], routing.send_counts, routing.recv_counts, tag="rows/grads"
         )
-        if routing.served_rows.numel() == 0:
-            return
-        rows, inverse = torch.unique(routing.served_rows, return_inverse=True)
-        summed = received.new_zeros(rows.shape[0], self.dim).index_add_(0, inverse, received)
-        self.optimizer.step(self.weight, rows, summed.to(self.weight.dtype))
+        self._step_received(routing.served_rows, received)
 
+    @torch.no_grad()
     def apply_row_gradients(self, unique_ids: Tensor, row_grads: Tensor | None) -> None:
-        raise NotImplementedError("a sharded table updates rows through apply_gradients(lookup)")
+        """Send each row's gradient to its owner, sum per row over all ranks, step the owned rows.
+
+        A collective (three all_to_all: counts, ids, gradients): every rank calls it, with its own
+        rows, none (``row_grads`` None or no ids) included. Without a lookup's routing, the ids travel
+        too; after a lookup, ``apply_gradients`` needs one exchange only.
+        """
+        if row_grads is None:
+            unique_ids = unique_ids[:0]
+            row_grads = self.weight.new_zeros(0, self.dim)
+        self._check_row_grads(unique_ids, row_grads)
+        comm, w = self.comm, self.world_size
+        unique_ids = unique_ids.to(self.weight.device)
+        owner = unique_ids % w
+        order = torch.argsort(owner, stable=True)
+        send_counts = torch.bincount(owner, minlength=w)
+        recv_counts = comm.all_to_all(send_counts, [1] * w, [1] * w, tag="rows/counts").tolist()
+        send_list = send_counts.tolist()
+        ids = comm.all_to_all(unique_ids[order], send_list, recv_counts, tag="rows/ids")
+        grads = comm.all_to_all(row_grads[order], send_list, recv_counts, tag="rows/grads")
+        self._step_received(ids // w, grads)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def full_state_dict(self, prefix: str = "") -> dict[str, Tensor]:
@@ -213,18 +216,16 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         A collective (all_gather): every rank must call it. Each rank briefly holds the full table.
         """
         state = {}
-        own = dict(self.named_buffers())
-        for name in self.row_buffers:
-            shards = self.comm.all_gather_rows(own[name], tag=f"checkpoint/{name}")
-            full = own[name].new_empty((self.num_total_rows, *own[name].shape[1:]))
+        for name, own in self.row_state().items():
+            shards = self.comm.all_gather_rows(own, tag=f"checkpoint/{name}")
+            full = own.new_empty((self.num_total_rows, *own.shape[1:]))
             for r, shard in enumerate(shards):
                 full[r :: self.world_size] = shard
             state[prefix + name] = full
         return state
 
-    def _load_from_state_dict(  # type: ignore[no-untyped-def]
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
+    def _prepare_load(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """A shard of the same rank and world loads as is; a full table is cut to the owned rows."""
         info_key = prefix + "shard_info"
         if info_key in state_dict:
             world, rank, rows = state_dict[info_key].tolist()
@@ -235,23 +236,21 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
                     f"({self.num_total_rows} rows). Resharding needs a full-table checkpoint: save "
                     "through HybridParallelStrategy (it gathers the shards) and load that"
                 )
-        else:  # a full table (single-process or gathered checkpoint): keep the owned rows.
-            # In place: nn.Module.load_state_dict hands the same (copied) dict to the submodules.
-            for name in self.row_buffers:
-                key = prefix + name
-                if key not in state_dict:
-                    continue
-                full = state_dict[key]
-                if full.shape[0] != self.num_total_rows:
-                    raise ValueError(
-                        f"{key}: checkpoint has {full.shape[0]} rows, the table has {self.num_total_rows} "
-                        "(different vocabularies?)"
-                    )
-                state_dict[key] = full[self.rank :: self.world_size]
-            state_dict[info_key] = self.shard_info
-        nn.Module._load_from_state_dict(
-            self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+            return
+        # a full table (single-process or gathered checkpoint): keep the owned rows. In place:
+        # nn.Module.load_state_dict hands the same (copied) dict to the submodules.
+        for name in self.row_buffers:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            full = state_dict[key]
+            if full.shape[0] != self.num_total_rows:
+                raise ValueError(
+                    f"{key}: checkpoint has {full.shape[0]} rows, the table has {self.num_total_rows} "
+                    "(different vocabularies?)"
+                )
+            state_dict[key] = full[self.rank :: self.world_size]
+        state_dict[info_key] = self.shard_info
 
     def extra_repr(self) -> str:
         return (
@@ -260,14 +259,15 @@ class ShardedEmbeddingCollection(EmbeddingCollection):
         )
 
 
-def shard_embeddings(module: nn.Module, comm: Communicator) -> list[str]:
-    """Replace every (unsharded) ``EmbeddingCollection`` inside ``module`` by its shard, in place.
+def shard_embeddings(module: nn.Module, comm: RowExchange) -> list[str]:
+    """Replace every ``EmbeddingCollection`` (a table held whole) inside ``module`` by this rank's
+    shard of it, in place.
 
     Returns the qualified names of the replaced submodules.
     """
     replaced = []
     for name, child in list(module.named_modules()):
-        if isinstance(child, EmbeddingCollection) and not isinstance(child, ShardedEmbeddingCollection):
+        if isinstance(child, EmbeddingCollection):
             parent_name, _, attr = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, attr, ShardedEmbeddingCollection(child, comm))

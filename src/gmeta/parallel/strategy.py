@@ -44,6 +44,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 
 from gmeta.checkpoint_io import AtomicCheckpointIO
+from gmeta.model.embedding import EmbeddingCollection
 from gmeta.parallel.comm import Communicator
 from gmeta.parallel.launch import HydraJobLauncher
 from gmeta.parallel.sharded_checkpoint import (
@@ -104,15 +105,17 @@ class HybridParallelStrategy(DDPStrategy):
 
     def setup_environment(self) -> None:
         super().setup_environment()  # the process group
-        if self.model is not None:
-            self._shard_tables()
+        self._shard_tables()
 
     def _shard_tables(self) -> None:
         """Replace every unsharded table by this rank's rows (built here if it was deferred)."""
-        for table in tables_of(self.model).values():  # one seed for all ranks: rank 0's
-            if not hasattr(table, "shard_info"):
+        model = self.model
+        if model is None:  # no module connected yet: setup() shards it
+            return
+        for table in tables_of(model).values():  # one seed for all ranks: rank 0's
+            if isinstance(table, EmbeddingCollection):  # not sharded yet
                 table.init_seed = self.comm.broadcast_object(table.init_seed, src=0, tag="setup/init_seed")
-        replaced = shard_embeddings(self.model, self.comm)
+        replaced = shard_embeddings(model, self.comm)
         if replaced:
             log.info("rank %d/%d: row-sharded tables %s", self.comm.rank, self.comm.world_size, replaced)
 
@@ -135,13 +138,14 @@ class HybridParallelStrategy(DDPStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
 
-    def _setup_model(self, model: Module) -> Module:
+    # DDPStrategy declares DistributedDataParallel: this strategy deliberately does not wrap.
+    def _setup_model(self, model: Module) -> Module:  # type: ignore[override]
         return model  # no DistributedDataParallel wrapper (see the module docstring)
 
     @torch.no_grad()
     def _broadcast_dense_parameters(self) -> None:
         """Make every rank's dense parameters rank 0's (one flattened broadcast)."""
-        params = [p for p in self.model.parameters()]
+        params = list(self.model.parameters()) if self.model is not None else []
         if not params or self.comm.world_size == 1:
             return
         flat = torch.cat([p.detach().reshape(-1) for p in params])
@@ -191,13 +195,8 @@ class HybridParallelStrategy(DDPStrategy):
         if self.checkpoint_format != "auto":
             return self.checkpoint_format == "sharded"
         assert self.lightning_module is not None
-        total = 0
-        for table in tables_of(self.lightning_module).values():
-            row_bytes = sum(
-                b[:1].numel() * b.element_size() for n, b in table.named_buffers() if n in table.row_buffers
-            )
-            total += row_bytes * table.num_total_rows
-        return total > self.gather_limit_bytes
+        tables = tables_of(self.lightning_module).values()
+        return sum(t.row_bytes * t.num_total_rows for t in tables) > self.gather_limit_bytes
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The module's state: this rank's rows (sharded checkpoints), or the full tables gathered (a
