@@ -3,18 +3,19 @@
 Builds ONE model (``EmbeddingCollection`` + ``DLRM``) and ONE list of task-grouped meta-batches
 (``TaskBatch``) per config, then times, in the same process and on the same batches, the variants
 
-* ``plain``       ``meta_loss`` with meta name ``none`` (plain DLRM training on all support+query
-  samples, one forward over both sets; same kernels as the fast meta step);
-* ``maml``        ``meta_loss`` with second-order MAML, fast path (``gmeta.meta.fast``);
-* ``fomaml``      ``meta_loss`` with first-order MAML, fast path;
-* ``maml_loop``   ``meta_loss_reference`` with the MAML config: one Python iteration per task with
+* ``plain``       ``MetaLearner.loss`` with meta name ``none`` (plain DLRM training on all
+  support+query samples, one forward over both sets; same kernels as the fast meta step);
+* ``maml``        second-order MAML on the ``fast`` backend (``gmeta.meta.fast``);
+* ``fomaml``      first-order MAML on the ``fast`` backend;
+* ``maml_loop``   the MAML config on the ``reference`` backend: one Python iteration per task with
   ``torch.autograd.grad(create_graph=True)`` (the obvious implementation);
-* ``maml_vmap`` / ``fomaml_vmap``  the same objectives with ``implementation=vmap`` (the
-  ``torch.func.vmap`` inner loop, the earlier implementation and the tests' reference).
+* ``maml_vmap`` / ``fomaml_vmap``  the same objectives on the ``vmap`` backend (the
+  ``torch.func.vmap`` inner loop, the earlier implementation).
 
 Variants run round-robin (one step of each per round) so machine drift hits them all equally.
-A *step* is what ``MetaDLRMModule.training_step`` does, without Lightning: embedding lookup, loss,
-backward, Adam step on the dense params, row-wise optimizer step on the looked-up rows.
+A *step* is ``gmeta.meta.module.run_train_step``, the step ``MetaDLRMModule.training_step`` runs,
+without Lightning: embedding lookup, loss, backward, Adam step on the dense params, row-wise
+optimizer step on the looked-up rows.
 
 Configs:
 
@@ -69,15 +70,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gmeta.data.batch import SetBatch, TaskBatch
-from gmeta.meta.inner import (
-    MetaConfig,
-    _shared_logits,
-    make_meta_config,
-    masked_bce,
-    masked_task_mean,
-    meta_loss,
-    meta_loss_reference,
-)
+from gmeta.meta.config import MetaConfig
+from gmeta.meta.learner import MetaLearner
+from gmeta.meta.module import run_train_step
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingCollection
 from gmeta.tensor_memory import TensorMemoryTracker
@@ -200,6 +195,13 @@ class Setup:
     info: dict[str, Any]
     autocast: torch.dtype | None = None  # --precision bf16: the forward under torch.autocast
 
+    @property
+    def learners(self) -> dict[str, MetaLearner]:
+        """One ``MetaLearner`` per variant, built once (as the LightningModule builds its own)."""
+        if not hasattr(self, "_learners"):
+            self._learners = {v: MetaLearner(self.dlrm, cfg) for v, cfg in self.metas.items()}
+        return self._learners
+
 
 def build_model(
     vocab_sizes: list[int],
@@ -229,9 +231,11 @@ def build_model(
     return emb, dlrm, opt
 
 
-def vmap_variants(metas: dict[str, MetaConfig]) -> dict[str, MetaConfig]:
-    """``maml_vmap`` / ``fomaml_vmap``: the ``maml`` / ``fomaml`` configs on the vmap implementation."""
-    return {f"{v}_vmap": replace(metas[v], implementation="vmap") for v in ("maml", "fomaml")}
+def other_backends(metas: dict[str, MetaConfig]) -> dict[str, MetaConfig]:
+    """``maml_loop`` (the reference backend) and ``maml_vmap`` / ``fomaml_vmap`` (the vmap backend):
+    the ``maml`` / ``fomaml`` configs computed by the other backends."""
+    out = {f"{v}_vmap": replace(metas[v], backend="vmap") for v in ("maml", "fomaml")}
+    return {"maml_loop": replace(metas["maml"], backend="reference"), **out}
 
 
 def real_samples(batch: TaskBatch) -> int:
@@ -240,27 +244,12 @@ def real_samples(batch: TaskBatch) -> int:
 
 
 def train_step(s: Setup, batch: TaskBatch, variant: str) -> float:
-    """One training step (as ``MetaDLRMModule.training_step``, the forward under autocast when
-    ``s.autocast`` is set, as Lightning's bf16-mixed precision runs it); returns the loss."""
-    lookup = s.emb.lookup(batch)
-    params = dict(s.dlrm.named_parameters())
-    cfg = s.metas[variant]
+    """One training step, the one ``MetaDLRMModule.training_step`` runs (``run_train_step``), with the
+    forward under autocast when ``s.autocast`` is set (as Lightning's bf16-mixed precision runs it)."""
+    learner = s.learners[variant]
     with torch.autocast(s.device.type, dtype=s.autocast or torch.bfloat16, enabled=s.autocast is not None):
-        if variant == "maml_loop":
-            loss = meta_loss_reference(s.dlrm, params, lookup.rows, lookup, batch, cfg)
-            if cfg.support_loss_weight > 0:
-                # meta_loss_reference has no auxiliary support term: add meta_loss's (vectorized).
-                sup = batch.support
-                logits = _shared_logits(s.dlrm, params, lookup.rows, lookup.support, sup)
-                bce = masked_bce(logits, sup.label.to(lookup.rows.dtype), sup.mask)
-                loss = loss + cfg.support_loss_weight * masked_task_mean(bce, batch.task_mask)
-        else:
-            loss, _ = meta_loss(s.dlrm, params, lookup.rows, lookup, batch, cfg)
-    s.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    s.opt.step()
-    s.emb.apply_row_gradients(lookup.unique_ids, lookup.rows.grad)
-    return float(loss.detach())
+        loss, _ = run_train_step(s.emb, learner, s.opt, batch, backward=torch.Tensor.backward)
+    return float(loss)
 
 
 def _zipf_ids(gen: torch.Generator, shape: tuple[int, ...], rows: int, alpha: float) -> torch.Tensor:
@@ -328,12 +317,11 @@ def setup_criteo(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     batches = [b.to(device) for b in batches]
     kw = {"inner_steps": inner_steps, "inner_lr": inner_lr}
     metas = {
-        "plain": make_meta_config("none", **kw),
-        "maml": make_meta_config("maml", **kw),
-        "fomaml": make_meta_config("fomaml", **kw),
-        "maml_loop": make_meta_config("maml", **kw),
+        "plain": MetaConfig("none", **kw),
+        "maml": MetaConfig("maml", **kw),
+        "fomaml": MetaConfig("fomaml", **kw),
     }
-    metas.update(vmap_variants(metas))
+    metas.update(other_backends(metas))
     info = {
         "rows_per_table": rows,
         "tables": 26,
@@ -383,12 +371,11 @@ def setup_movielens(args: argparse.Namespace, device: torch.device, dtype: torch
     )
     kw = {"inner_steps": inner_steps, "inner_lr": inner_lr, "support_loss_weight": 1.0}
     metas = {
-        "plain": make_meta_config("none", inner_steps=inner_steps, inner_lr=inner_lr),
-        "maml": make_meta_config("maml", **kw),
-        "fomaml": make_meta_config("fomaml", **kw),
-        "maml_loop": make_meta_config("maml", **kw),
+        "plain": MetaConfig("none", inner_steps=inner_steps, inner_lr=inner_lr),
+        "maml": MetaConfig("maml", **kw),
+        "fomaml": MetaConfig("fomaml", **kw),
     }
-    metas.update(vmap_variants(metas))
+    metas.update(other_backends(metas))
     info = {
         "shards": str(data_dir),
         "tasks": args.movielens_tasks,

@@ -31,7 +31,6 @@ import torch  # noqa: E402
 
 from gmeta.data.batch import TaskBatch, truncate_support  # noqa: E402
 from gmeta.data.schema import STATES  # noqa: E402
-from gmeta.meta.inner import predict  # noqa: E402
 from gmeta.metrics import ColdStartMetrics  # noqa: E402
 from gmeta.report import record_cells, sort_records  # noqa: E402
 
@@ -72,7 +71,7 @@ def support_size_metrics(
 
     For each batch and each k in ``sizes`` (None = the whole support set) every task adapts on its
     first k real support samples (``truncate_support``), then its unchanged query set is scored
-    (``predict(..., adapted=True)``) into a fresh ``ColdStartMetrics`` per k. With k=None this is
+    (``model.learner.predict(..., adapted=True)``) into a fresh ``ColdStartMetrics`` per k. With k=None this is
     exactly what ``MetaDLRMModule.test_step`` computes for ``adapted=True``.
 
     Returns records ``{"support_size": k or "all", "state", "auc", "logloss", "gauc", "tasks",
@@ -84,14 +83,13 @@ def support_size_metrics(
     device = next(model.parameters()).device
     metrics = {k: ColdStartMetrics().to(device) for k in sizes}
     used = {k: torch.zeros(len(STATES), dtype=torch.long) for k in sizes}
-    params = model.dense_params()
     try:
         for batch in batches:
             batch = batch.to(device)
             lookup = model.embedding.lookup(batch)  # ids do not depend on the mask: one lookup
             for k in sizes:
                 b = truncate_support(batch, k)
-                logits = predict(model.dlrm, params, lookup.rows, lookup, b, model.meta_config, adapted=True)
+                logits = model.learner.predict(b, lookup, adapted=True)
                 q = b.query
                 metrics[k].update(logits, q.label, q.mask, b.state, b.task_mask)
                 per_task = (b.support.mask & b.task_mask[:, None]).sum(1).cpu()

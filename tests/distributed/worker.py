@@ -40,7 +40,6 @@ sys.path.insert(0, str(HERE.parent / "unit"))
 from tiny_tasks import random_batch  # noqa: E402
 
 from gmeta.data.batch import SetBatch, TaskBatch  # noqa: E402
-from gmeta.meta.inner import predict  # noqa: E402
 from gmeta.meta.module import MetaDLRMModule  # noqa: E402
 from gmeta.parallel import HybridParallelStrategy  # noqa: E402
 from gmeta.parallel.sharded_embedding import gathered_state_dict  # noqa: E402
@@ -137,9 +136,7 @@ class Recorder(L.Callback):
     def predict_eval_batch(self, module: MetaDLRMModule) -> torch.Tensor:
         batch = local_batch(99, self.rank, self.world)
         lookup = module.embedding.lookup(batch)
-        return predict(
-            module.dlrm, module.dense_params(), lookup.rows, lookup, batch, module.meta_config, adapted=True
-        ).detach()
+        return module.learner.predict(batch, lookup, adapted=True).detach()
 
     def on_train_start(self, trainer: L.Trainer, module: MetaDLRMModule) -> None:
         if self.spec.get("resume_from") and self.spec["scenario"] != "memory":
@@ -286,7 +283,7 @@ def main() -> None:
     if dist.is_available() and dist.is_initialized():
         if code == 0:
             dist.destroy_process_group()
-            time.sleep(0.3)  # gloo at exit (see DESIGN.md: clean shutdown)
+            time.sleep(0.3)  # let gloo's peers finish their own shutdown before this process exits
         else:
             os._exit(code)  # a peer may be gone: don't wait on a collective shutdown
     sys.exit(code)

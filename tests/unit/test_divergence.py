@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gmeta.errors import UserError
-from gmeta.meta.inner import make_meta_config
+from gmeta.meta.config import MetaConfig
 from gmeta.meta.module import EXPLODED_LOSS, DivergenceError, check_divergence
 
-CFG = make_meta_config("maml", inner_lr=0.3, inner_steps=3)
+CFG = MetaConfig("maml", inner_lr=0.3, inner_steps=3)
 IDS = ["u1/warm", "u2/user_cold"]
 
 

@@ -1,4 +1,4 @@
-"""The fast meta step (gmeta.meta.fast) against the vmap path and the per-task loop.
+"""The fast backend (gmeta.meta.fast) against the vmap and reference (per-task loop) backends.
 
 Meta-gradients w.r.t. the dense params AND the looked-up embedding rows, the loss and the adapted
 predictions must agree: float64 to 1e-10 relative, float32 to 1e-4 relative. Both forms of an adapted
@@ -15,7 +15,12 @@ from tiny_tasks import random_batch
 
 from gmeta.data.batch import TaskBatch, pad_tasks
 from gmeta.meta import fast
-from gmeta.meta.inner import MetaConfig, make_meta_config, meta_loss, meta_loss_reference, predict
+from gmeta.meta.config import MetaConfig
+from gmeta.meta.fast import ops, step
+from gmeta.meta.fast.adapted import materialize_layer
+from gmeta.meta.fast.towers import Layer
+from gmeta.meta.learner import MetaLearner
+from gmeta.meta.vmap import VmapBackend
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingCollection
 
@@ -38,19 +43,24 @@ def make_batch(seed: int = 0) -> TaskBatch:
     return pad_tasks(batch, batch.num_tasks + 2)
 
 
-def run(fn, emb, model, batch: TaskBatch, cfg: MetaConfig) -> dict[str, torch.Tensor]:
+def run(emb, model, batch: TaskBatch, cfg: MetaConfig) -> dict[str, torch.Tensor]:
     """Loss, dense grads by name and row grads scattered to the (num_total_rows, d) table."""
+    model.zero_grad(set_to_none=True)
     lk = emb.lookup(batch)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    out = fn(model, params, lk.rows, lk, batch, cfg)
-    loss = out[0] if isinstance(out, tuple) else out
+    loss, _ = MetaLearner(model, cfg).loss(batch, lk)
     loss.backward()
     rows = torch.zeros_like(emb.weight)
     if lk.rows.grad is not None:
         rows[lk.unique_ids] = lk.rows.grad
     res = {"loss": loss.detach(), "rows": rows}
-    res.update({k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()})
+    for k, p in model.named_parameters():
+        res[k] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    model.zero_grad(set_to_none=True)
     return res
+
+
+def reference(cfg: MetaConfig) -> MetaConfig:
+    return dataclasses.replace(cfg, backend="reference")
 
 
 def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -71,7 +81,7 @@ def assert_close(a, b, tol: float) -> None:
 @pytest.fixture(params=["low_rank", "materialized"])
 def layer_form(request, monkeypatch) -> str:
     """Force every adapted layer into one form (the cost model would pick per layer)."""
-    monkeypatch.setattr(fast, "materialize_layer", lambda layer, rows: request.param == "materialized")
+    monkeypatch.setattr(step, "materialize_layer", lambda layer, rows: request.param == "materialized")
     return request.param
 
 
@@ -90,8 +100,8 @@ def fast_calls(monkeypatch) -> list[int]:
 
 
 def configs(name: str, steps: int, adapt_embeddings: bool, **kw) -> tuple[MetaConfig, MetaConfig]:
-    cfg = make_meta_config(name, inner_steps=steps, inner_lr=LR, adapt_embeddings=adapt_embeddings, **kw)
-    return cfg, dataclasses.replace(cfg, implementation="vmap")
+    cfg = MetaConfig(name, inner_steps=steps, inner_lr=LR, adapt_embeddings=adapt_embeddings, **kw)
+    return cfg, dataclasses.replace(cfg, backend="vmap")
 
 
 CASES = [
@@ -110,21 +120,22 @@ def test_float64_fast_equals_vmap_and_loop(
     emb, model = make_models(interaction, torch.float64)
     batch = make_batch()
     cfg, cfg_vmap = configs(name, steps, adapt_embeddings)
-    got = run(meta_loss, emb, model, batch, cfg)
+    got = run(emb, model, batch, cfg)
     assert fast_calls, "the fast path was not used"
-    assert_close(got, run(meta_loss, emb, model, batch, cfg_vmap), 1e-10)
-    assert_close(got, run(meta_loss_reference, emb, model, batch, cfg), 1e-10)
+    assert_close(got, run(emb, model, batch, cfg_vmap), 1e-10)
+    assert_close(got, run(emb, model, batch, reference(cfg)), 1e-10)
     # the gradients are not trivially zero: every param and the rows get a signal
     assert all(float(g.abs().max()) > 0 for g in got.values())
 
     lk = emb.lookup(batch)
-    params = dict(model.named_parameters())
+    real = batch.query.mask & batch.task_mask[:, None]  # the reference leaves padding at 0
     for adapted in (True, False):
-        p_fast = predict(model, params, lk.rows, lk, batch, cfg, adapted=adapted)
-        p_vmap = predict(model, params, lk.rows, lk, batch, cfg_vmap, adapted=adapted)
-        assert float((p_fast - p_vmap).abs().max() / p_vmap.abs().max()) <= 1e-10
+        p_fast = MetaLearner(model, cfg).predict(batch, lk, adapted=adapted)[real]
+        for other in (cfg_vmap, reference(cfg)):
+            p_other = MetaLearner(model, other).predict(batch, lk, adapted=adapted)[real]
+            assert float((p_fast - p_other).abs().max() / p_other.abs().max()) <= 1e-10, other.backend
         assert not p_fast.requires_grad
-    assert lk.rows.grad is None and all(p.grad is None for p in params.values())
+    assert lk.rows.grad is None and all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize(("name", "adapt_embeddings"), [("maml", False), ("maml", True), ("none", False)])
@@ -134,11 +145,11 @@ def test_dot_backward_built_in_chunks_equals_whole(name, adapt_embeddings, monke
     emb, model = make_models("dot", torch.float64)
     batch = make_batch()
     cfg, cfg_vmap = configs(name, 3, adapt_embeddings)
-    whole = run(meta_loss, emb, model, batch, cfg)
-    monkeypatch.setattr(fast, "_SYM_CHUNK", 5)
-    chunked = run(meta_loss, emb, model, batch, cfg)
+    whole = run(emb, model, batch, cfg)
+    monkeypatch.setattr(ops, "_SYM_CHUNK", 5)
+    chunked = run(emb, model, batch, cfg)
     assert_close(chunked, whole, 1e-12)
-    assert_close(chunked, run(meta_loss, emb, model, batch, cfg_vmap), 1e-10)
+    assert_close(chunked, run(emb, model, batch, cfg_vmap), 1e-10)
 
 
 @pytest.mark.parametrize("interaction", ["dot", "concat"])
@@ -148,9 +159,9 @@ def test_float32_fast_equals_vmap(interaction, name, steps, adapt_embeddings, la
     emb32, model32 = make_models(interaction, torch.float32, seed=1)
     batch = make_batch(1)
     cfg, cfg_vmap = configs(name, steps, adapt_embeddings)
-    got = run(meta_loss, emb32, model32, batch, cfg)
-    assert_close(got, run(meta_loss, emb32, model32, batch, cfg_vmap), 1e-4)
-    assert_close(got, run(meta_loss, emb64, model64, batch, cfg_vmap), 1e-4)
+    got = run(emb32, model32, batch, cfg)
+    assert_close(got, run(emb32, model32, batch, cfg_vmap), 1e-4)
+    assert_close(got, run(emb64, model64, batch, cfg_vmap), 1e-4)
 
 
 @pytest.mark.parametrize("interaction", ["dot", "concat"])
@@ -171,10 +182,10 @@ def test_bfloat16_autocast_is_as_close_to_float32_as_the_vmap_path(
     model = DLRM(len(vocab), 3, 16, bottom_mlp=(32, 16), top_mlp=(64, 32), interaction=interaction)
     batch = random_batch(1, [16] * 12, [16] * 12, vocab_sizes=vocab)
     cfg, cfg_vmap = configs(name, steps, adapt_embeddings)
-    ref = run(meta_loss, emb, model, batch, cfg)
+    ref = run(emb, model, batch, cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = run(meta_loss, emb, model, batch, cfg)
-        vmap = run(meta_loss, emb, model, batch, cfg_vmap)
+        got = run(emb, model, batch, cfg)
+        vmap = run(emb, model, batch, cfg_vmap)
     assert fast_calls or name == "none"
     assert all(g.dtype == torch.float32 for g in got.values())
     err, err_vmap = max(rel_diff(got, ref).values()), max(rel_diff(vmap, ref).values())
@@ -191,15 +202,20 @@ def test_support_loss_weight_and_no_bottom_tower(interaction, name, layer_form):
         if num_dense == 0:
             strip = lambda s: dataclasses.replace(s, dense=s.dense[..., :0])  # noqa: E731
             batch = dataclasses.replace(batch, support=strip(batch.support), query=strip(batch.query))
-        cfg, cfg_vmap = configs(name, 3, True, support_loss_weight=0.7)
-        got = run(meta_loss, emb, model, batch, cfg)
-        assert_close(got, run(meta_loss, emb, model, batch, cfg_vmap), 1e-10)
+        # meta.name=none refuses a support loss weight: it trains on every support label already
+        cfg, cfg_vmap = configs(name, 3, True, support_loss_weight=0.0 if name == "none" else 0.7)
+        got = run(emb, model, batch, cfg)
+        assert_close(got, run(emb, model, batch, cfg_vmap), 1e-10)
+        assert_close(got, run(emb, model, batch, reference(cfg)), 1e-10)
         lk = emb.lookup(batch)
-        params = dict(model.named_parameters())
-        _, stats = meta_loss(model, params, lk.rows, lk, batch, cfg)
-        _, stats_vmap = meta_loss(model, params, lk.rows, lk, batch, cfg_vmap)
-        for k in stats:
-            torch.testing.assert_close(stats[k], stats_vmap[k], rtol=1e-10, atol=1e-12)
+        _, stats = MetaLearner(model, cfg).loss(batch, lk)
+        real = batch.query.mask & batch.task_mask[:, None]  # the reference leaves padding at 0
+        stats["query_logits"] = stats["query_logits"][real]
+        for other in (cfg_vmap, reference(cfg)):
+            _, stats_other = MetaLearner(model, other).loss(batch, lk)
+            stats_other["query_logits"] = stats_other["query_logits"][real]
+            for k in stats:
+                torch.testing.assert_close(stats[k], stats_other[k], rtol=1e-10, atol=1e-12)
 
 
 def test_dummy_tasks_and_padding_contribute_nothing(layer_form):
@@ -207,26 +223,23 @@ def test_dummy_tasks_and_padding_contribute_nothing(layer_form):
     emb, model = make_models("dot", torch.float64, seed=3)
     batch = make_batch(3)
     cfg, _ = configs("maml", 3, True, support_loss_weight=0.5)
-    base = run(meta_loss, emb, model, batch, cfg)
+    base = run(emb, model, batch, cfg)
     more = pad_tasks(batch, batch.num_tasks + 2)
-    assert_close(run(meta_loss, emb, model, more, cfg), base, 1e-12)
+    assert_close(run(emb, model, more, cfg), base, 1e-12)
 
 
 def test_inner_steps_zero_and_nothing_adapted_is_shared_weights():
     emb, model = make_models("dot", torch.float64, seed=4)
     batch = make_batch(4)
     for cfg in (
-        make_meta_config("maml", inner_steps=0),
-        make_meta_config("maml", inner_steps=2, adapt_groups=()),
+        MetaConfig("maml", inner_steps=0),
+        MetaConfig("maml", inner_steps=2, adapt_groups=()),
     ):
-        got = run(meta_loss, emb, model, batch, cfg)
-        assert_close(
-            got, run(meta_loss, emb, model, batch, dataclasses.replace(cfg, implementation="vmap")), 1e-12
-        )
+        got = run(emb, model, batch, cfg)
+        assert_close(got, run(emb, model, batch, dataclasses.replace(cfg, backend="vmap")), 1e-12)
         lk = emb.lookup(batch)
-        params = dict(model.named_parameters())
-        a = predict(model, params, lk.rows, lk, batch, cfg, adapted=True)
-        b = predict(model, params, lk.rows, lk, batch, cfg, adapted=False)
+        a = MetaLearner(model, cfg).predict(batch, lk, adapted=True)
+        b = MetaLearner(model, cfg).predict(batch, lk, adapted=False)
         torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
 
 
@@ -234,22 +247,23 @@ def test_unknown_model_structure_falls_back_to_vmap(fast_calls):
     """A tower the fast path does not know (here: a Tanh) runs the vmap path, with the same numbers."""
     emb, model = make_models("dot", torch.float64, seed=5)
     model.top[1] = torch.nn.Tanh()
-    assert fast.towers_of(model, dict(model.named_parameters()), ("bottom", "top")) is None
+    assert not fast.supports(model)
+    assert isinstance(MetaLearner(model, MetaConfig()).backend, VmapBackend)
     batch = make_batch(5)
     cfg, cfg_vmap = configs("maml", 2, True)
-    got = run(meta_loss, emb, model, batch, cfg)
+    got = run(emb, model, batch, cfg)
     assert not fast_calls
-    assert_close(got, run(meta_loss, emb, model, batch, cfg_vmap), 0.0)
-    assert_close(got, run(meta_loss_reference, emb, model, batch, cfg), 1e-10)
+    assert_close(got, run(emb, model, batch, cfg_vmap), 0.0)
+    assert_close(got, run(emb, model, batch, reference(cfg)), 1e-10)
 
 
 def test_cost_model_picks_low_rank_for_wide_layers_and_few_samples():
     w = torch.zeros(512, 415)
-    assert not fast.materialize_layer(fast.Layer(w, w[:, 0], True), rows=16)
-    assert fast.materialize_layer(fast.Layer(w[:64, :144], w[:64, 0], True), rows=3 * 79)
+    assert not materialize_layer(Layer(w, w[:, 0], True), rows=16)
+    assert materialize_layer(Layer(w[:64, :144], w[:64, 0], True), rows=3 * 79)
 
 
-def test_meta_config_implementation():
-    assert MetaConfig().implementation == "fast"
-    with pytest.raises(ValueError, match="implementation"):
-        MetaConfig(implementation="jit")
+def test_meta_config_backend():
+    assert MetaConfig().backend == "fast"
+    with pytest.raises(ValueError, match="meta.backend"):
+        MetaConfig(backend="jit")

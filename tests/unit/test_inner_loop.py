@@ -1,6 +1,9 @@
-"""Vectorized meta-learning (gmeta.meta.inner) against independent references, in float64."""
+"""MetaLearner (default fast backend) against independent references, in float64: the per-task
+reference backend, hand-written per-task loops, double backward and finite differences."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,16 +11,12 @@ import torch.nn.functional as F
 from tiny_tasks import random_batch, task_alone
 
 from gmeta.data.batch import TaskBatch, pad_tasks
-from gmeta.meta.inner import (
-    MetaConfig,
-    make_meta_config,
-    masked_bce,
-    meta_loss,
-    meta_loss_reference,
-    predict,
-)
+from gmeta.meta.config import MetaConfig
+from gmeta.meta.learner import MetaLearner
+from gmeta.meta.losses import masked_bce
 from gmeta.model.dlrm import DLRM
-from gmeta.model.embedding import EmbeddingCollection, gather_embeddings
+from gmeta.model.embedding import EmbeddingCollection, LocalIndex
+from gmeta.model.gather import gather, set_index
 
 VOCAB = (7, 5, 9, 6)
 DIM = 4
@@ -31,18 +30,36 @@ def make_models(seed: int = 0) -> tuple[EmbeddingCollection, DLRM]:
     return emb, model
 
 
-def run(fn, emb: EmbeddingCollection, model: DLRM, batch: TaskBatch, cfg: MetaConfig):
-    """Loss, dense grads by name, and row grads scattered to a (num_total_rows, d) table."""
+def embed(rows: torch.Tensor, idx: LocalIndex, t: int | None = None) -> torch.Tensor:
+    """Embeddings of a set (or of its task ``t``) from looked-up rows."""
+    ix = set_index(idx, rows.dtype)
+    return gather(rows, ix if t is None else ix.task(t))
+
+
+def run(objective, emb: EmbeddingCollection, model: DLRM, batch: TaskBatch):
+    """Loss, dense grads by name, and row grads scattered to a (num_total_rows, d) table.
+
+    ``objective``: a ``MetaConfig`` (the learner's loss) or a function (model, lookup, batch) -> loss.
+    """
+    model.zero_grad(set_to_none=True)
     lk = emb.lookup(batch)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    out = fn(model, params, lk.rows, lk, batch, cfg)
-    loss = out[0] if isinstance(out, tuple) else out
+    if isinstance(objective, MetaConfig):
+        loss, _ = MetaLearner(model, objective).loss(batch, lk)
+    else:
+        loss = objective(model, lk, batch)
     loss.backward()
     row_grad = torch.zeros_like(emb.weight)
     if lk.rows.grad is not None:
         row_grad[lk.unique_ids] = lk.rows.grad
-    grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in params.items()}
+    grads = {
+        k: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()
+    }
+    model.zero_grad(set_to_none=True)
     return loss.detach(), grads, row_grad
+
+
+def reference(cfg: MetaConfig) -> MetaConfig:
+    return dataclasses.replace(cfg, backend="reference")
 
 
 def assert_same(a, b, rtol=1e-6, atol=1e-12):
@@ -61,23 +78,23 @@ BATCH = random_batch(0, support_sizes=[5, 2, 4], query_sizes=[3, 1, 2])
 @pytest.mark.parametrize("adapt_embeddings", [False, True])
 def test_vectorized_meta_gradient_equals_per_task_loop(name, steps, adapt_embeddings):
     emb, model = make_models()
-    cfg = make_meta_config(name, inner_steps=steps, inner_lr=LR, adapt_embeddings=adapt_embeddings)
-    got = run(meta_loss, emb, model, BATCH, cfg)
-    want = run(meta_loss_reference, emb, model, BATCH, cfg)
+    cfg = MetaConfig(name, inner_steps=steps, inner_lr=LR, adapt_embeddings=adapt_embeddings)
+    got = run(cfg, emb, model, BATCH)
+    want = run(reference(cfg), emb, model, BATCH)
     assert_same(got, want)
     assert all(g.abs().sum() > 0 for g in got[1].values()) and got[2].abs().sum() > 0
 
 
 def test_none_is_plain_training_on_support_and_query():
     emb, model = make_models()
-    cfg = make_meta_config("none")
-    got = run(meta_loss, emb, model, BATCH, cfg)
-    assert_same(got, run(meta_loss_reference, emb, model, BATCH, cfg))
+    cfg = MetaConfig("none")
+    got = run(cfg, emb, model, BATCH)
+    assert_same(got, run(reference(cfg), emb, model, BATCH))
     # By hand: one BCE over every real sample of both sets.
     lk = emb.lookup(BATCH)
     logits, labels = [], []
     for idx, s in ((lk.support, BATCH.support), (lk.query, BATCH.query)):
-        e = gather_embeddings(lk.rows, idx.sparse, idx.multi_hot, idx.multi_hot_mask)
+        e = embed(lk.rows, idx)
         logits.append(model(e, s.dense.double())[s.mask])
         labels.append(s.label.double()[s.mask])
     torch.testing.assert_close(
@@ -88,8 +105,8 @@ def test_none_is_plain_training_on_support_and_query():
 def test_fomaml_drops_exactly_the_second_order_term():
     """One step: maml - fomaml = -lr * H_support(theta, rows) [g_query(theta'); 0], by double backward."""
     emb, model = make_models(1)
-    maml = run(meta_loss, emb, model, BATCH, make_meta_config("maml", inner_lr=LR))
-    fomaml = run(meta_loss, emb, model, BATCH, make_meta_config("fomaml", inner_lr=LR))
+    maml = run(MetaConfig("maml", inner_lr=LR), emb, model, BATCH)
+    fomaml = run(MetaConfig("fomaml", inner_lr=LR), emb, model, BATCH)
 
     lk = emb.lookup(BATCH)
     params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
@@ -97,7 +114,7 @@ def test_fomaml_drops_exactly_the_second_order_term():
     hv_sum = [torch.zeros_like(p) for p in params.values()] + [torch.zeros_like(lk.rows)]
 
     def set_loss(p, idx, s, t):
-        e = gather_embeddings(lk.rows, idx.sparse[t], idx.multi_hot[t], idx.multi_hot_mask[t])
+        e = embed(lk.rows, idx, t)
         return masked_bce(model.forward_with(p, e, s.dense[t].double()), s.label[t].double(), s.mask[t])
 
     for t in range(BATCH.num_tasks):
@@ -127,19 +144,24 @@ def test_fomaml_drops_exactly_the_second_order_term():
 def test_maml_meta_gradient_matches_finite_differences():
     emb, model = make_models(2)
     batch = random_batch(3, support_sizes=[4, 3], query_sizes=[2, 3])
-    cfg = make_meta_config("maml", inner_steps=2, inner_lr=LR, adapt_embeddings=True)
+    cfg = MetaConfig("maml", inner_steps=2, inner_lr=LR, adapt_embeddings=True)
     lk = emb.lookup(batch)
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
-    loss, _ = meta_loss(model, params, lk.rows, lk, batch, cfg)
+    learner = MetaLearner(model, cfg)
+    params = dict(model.named_parameters())
+    loss, _ = learner.loss(batch, lk)
     loss.backward()
     gen = torch.Generator().manual_seed(0)
     eps = 1e-5
 
     def loss_at(dirs: dict[str, torch.Tensor], d_rows: torch.Tensor, step: float) -> torch.Tensor:
         with torch.no_grad():
-            p = {k: params[k] + step * d for k, d in dirs.items()}
-            r = lk.rows + step * d_rows
-        return meta_loss(model, p, r, lk, batch, cfg)[0].detach()
+            for k, d in dirs.items():
+                params[k].add_(step * d)
+            moved = dataclasses.replace(lk, rows=lk.rows.detach() + step * d_rows)
+            value = learner.loss(batch, moved)[0].detach()
+            for k, d in dirs.items():
+                params[k].sub_(step * d)
+        return value
 
     for _ in range(4):
         dirs = {k: torch.randn(p.shape, generator=gen, dtype=p.dtype) for k, p in params.items()}
@@ -152,16 +174,16 @@ def test_maml_meta_gradient_matches_finite_differences():
 @pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "none"])
 def test_dummy_tasks_contribute_nothing(name):
     emb, model = make_models()
-    cfg = make_meta_config(name, inner_steps=2, inner_lr=LR, adapt_embeddings=name == "maml")
-    base = run(meta_loss, emb, model, BATCH, cfg)
+    cfg = MetaConfig(name, inner_steps=2, inner_lr=LR, adapt_embeddings=name == "maml")
+    base = run(cfg, emb, model, BATCH)
     padded = pad_tasks(BATCH, BATCH.num_tasks + 3)
-    assert_same(run(meta_loss, emb, model, padded, cfg), base, rtol=0, atol=1e-15)
+    assert_same(run(cfg, emb, model, padded), base, rtol=0, atol=1e-15)
 
     all_dummy = random_batch(0, support_sizes=[5, 2, 4], query_sizes=[3, 1, 2])  # a copy: mutated below
     all_dummy.task_mask[:] = False
     all_dummy.support.mask[:] = False
     all_dummy.query.mask[:] = False
-    loss, grads, rows = run(meta_loss, emb, model, all_dummy, cfg)
+    loss, grads, rows = run(cfg, emb, model, all_dummy)
     assert loss == 0 and all((g == 0).all() for g in grads.values()) and (rows == 0).all()
 
 
@@ -169,14 +191,14 @@ def test_dummy_tasks_contribute_nothing(name):
 def test_padded_variable_size_tasks_equal_unpadded_tasks(name):
     """A padded batch (garbage in padded slots) == the mean of each task computed alone, unpadded."""
     emb, model = make_models()
-    cfg = make_meta_config(name, inner_steps=2, inner_lr=LR, adapt_embeddings=True)
+    cfg = MetaConfig(name, inner_steps=2, inner_lr=LR, adapt_embeddings=True)
     if name == "none":  # a sample mean over the union, not a task mean: equal task totals make them agree
         batch = random_batch(4, support_sizes=[4, 2], query_sizes=[2, 4])
     else:
         batch = random_batch(4, support_sizes=[5, 1, 3], query_sizes=[1, 4, 2])
     assert not batch.support.mask.all()
-    got = run(meta_loss, emb, model, batch, cfg)
-    alone = [run(meta_loss, emb, model, task_alone(batch, t), cfg) for t in range(batch.num_tasks)]
+    got = run(cfg, emb, model, batch)
+    alone = [run(cfg, emb, model, task_alone(batch, t)) for t in range(batch.num_tasks)]
     n = len(alone)
     want = (
         sum(a[0] for a in alone) / n,
@@ -189,23 +211,24 @@ def test_padded_variable_size_tasks_equal_unpadded_tasks(name):
 @pytest.mark.parametrize("name", ["maml", "none"])
 def test_predict_adapts_on_support_without_keeping_a_graph(name):
     emb, model = make_models()
-    cfg = make_meta_config(name, inner_steps=2, inner_lr=LR)
+    cfg = MetaConfig(name, inner_steps=2, inner_lr=LR)
     lk = emb.lookup(BATCH)
     params = dict(model.named_parameters())
+    learner = MetaLearner(model, cfg)
     with torch.no_grad():
-        adapted = predict(model, params, lk.rows, lk, BATCH, cfg, adapted=True)
-        plain = predict(model, params, lk.rows, lk, BATCH, cfg, adapted=False)
+        adapted = learner.predict(BATCH, lk, adapted=True)
+        plain = learner.predict(BATCH, lk, adapted=False)
     assert not adapted.requires_grad and all(p.grad is None for p in params.values()) and lk.rows.grad is None
     assert adapted.shape == plain.shape == BATCH.query.label.shape
 
     q = BATCH.query
-    e = gather_embeddings(lk.rows, lk.query.sparse, lk.query.multi_hot, lk.query.multi_hot_mask)
+    e = embed(lk.rows, lk.query)
     torch.testing.assert_close(plain, model(e, q.dense.double()))
     # Reference: per task, two plain SGD steps on the support loss, then the query logits.
     for t in range(BATCH.num_tasks):
         fast = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
         s, idx = BATCH.support, lk.support
-        es = gather_embeddings(lk.rows.detach(), idx.sparse[t], idx.multi_hot[t], idx.multi_hot_mask[t])
+        es = embed(lk.rows.detach(), idx, t)
         for _ in range(2):
             loss = masked_bce(
                 model.forward_with(fast, es, s.dense[t].double()), s.label[t].double(), s.mask[t]
@@ -216,20 +239,11 @@ def test_predict_adapts_on_support_without_keeping_a_graph(name):
     assert not torch.allclose(adapted, plain)
 
 
-def test_meta_config_factory_and_stats():
-    assert make_meta_config("anil").adapt_groups == ("top",)
-    assert make_meta_config("fomaml").first_order and not make_meta_config("maml").first_order
-    assert make_meta_config("maml", adapt_groups=["top"]).adapt_groups == ("top",)
-    with pytest.raises(ValueError, match="reptile"):
-        make_meta_config("reptile")
-    with pytest.raises(ValueError, match="adapt_groups"):
-        MetaConfig(adapt_groups=("embedding",))
-
+def test_stats():
     emb, model = make_models()
     lk = emb.lookup(BATCH)
-    params = dict(model.named_parameters())
-    _, stats = meta_loss(model, params, lk.rows, lk, BATCH, make_meta_config("maml", inner_lr=LR))
-    _, stats_none = meta_loss(model, params, lk.rows, lk, BATCH, make_meta_config("none"))
+    _, stats = MetaLearner(model, MetaConfig("maml", inner_lr=LR)).loss(BATCH, lk)
+    _, stats_none = MetaLearner(model, MetaConfig("none")).loss(BATCH, lk)
     # The pre-adaptation support loss is the shared-weight support loss.
     torch.testing.assert_close(stats["support_loss"], stats_none["support_loss"])
     assert stats["query_logits"].shape == BATCH.query.label.shape and not stats["query_logits"].requires_grad
@@ -243,11 +257,12 @@ def test_support_loss_weight_adds_the_shared_support_loss():
     """loss(w) = loss(0) + w * (task-mean support BCE at the shared weights), gradients included."""
     emb, model = make_models(2)
     w = 0.7
-    base = run(meta_loss, emb, model, BATCH, make_meta_config("maml", inner_lr=LR))
-    got = run(meta_loss, emb, model, BATCH, make_meta_config("maml", inner_lr=LR, support_loss_weight=w))
+    base = run(MetaConfig("maml", inner_lr=LR), emb, model, BATCH)
+    got = run(MetaConfig("maml", inner_lr=LR, support_loss_weight=w), emb, model, BATCH)
 
-    def support_only(model, params, rows, lk, batch, cfg):
-        e = gather_embeddings(rows, lk.support.sparse, lk.support.multi_hot, lk.support.multi_hot_mask)
+    def support_only(model, lk, batch):
+        params = dict(model.named_parameters())
+        e = embed(lk.rows, lk.support)
         per_task = [
             F.binary_cross_entropy_with_logits(
                 model.forward_with(params, e[t], batch.support.dense[t].double())[batch.support.mask[t]],
@@ -257,7 +272,7 @@ def test_support_loss_weight_adds_the_shared_support_loss():
         ]
         return torch.stack(per_task).mean()
 
-    extra = run(support_only, emb, model, BATCH, make_meta_config("maml"))
+    extra = run(support_only, emb, model, BATCH)
     torch.testing.assert_close(got[0], base[0] + w * extra[0])
     for k in got[1]:
         torch.testing.assert_close(got[1][k], base[1][k] + w * extra[1][k])

@@ -2,8 +2,8 @@
 
 One training step (a meta-step over a batch of T tasks):
   1. ONE embedding lookup for the support and query ids of all tasks in the batch;
-  2. the inner loop on each task's support set, vectorized over tasks (``gmeta.meta.inner``);
-  3. the query loss at the adapted weights -> ``manual_backward`` (one outer backward);
+  2. ``MetaLearner.loss``: the inner loop on each task's support set, vectorized over tasks, and the
+     query loss at the adapted weights -> ``manual_backward`` (one outer backward);
   4. one dense optimizer step (Adam) + one sparse row-wise update of the looked-up embedding rows.
 
 Only the dense optimizer is a Lightning optimizer, so ``global_step`` advances once per meta-step;
@@ -17,19 +17,22 @@ import math
 import os
 import warnings
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal, cast
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import nn
 
 from gmeta.data.batch import TaskBatch
 from gmeta.data.schema import Schema
 from gmeta.errors import UserError
-from gmeta.meta.inner import MetaConfig, meta_loss, predict
+from gmeta.meta.config import MetaConfig
+from gmeta.meta.learner import MetaLearner
 from gmeta.metrics import ColdStartMetrics
 from gmeta.model.dlrm import DLRM
-from gmeta.model.embedding import EmbeddingCollection
+from gmeta.model.embedding import EmbeddingCollection, EmbeddingTable
 
 EVAL_MODES: tuple[tuple[str, bool], ...] = (("plain", False), ("adapted", True))
 
@@ -73,6 +76,48 @@ def check_divergence(
     )
 
 
+def _metric(metrics: nn.ModuleDict, mode: str) -> ColdStartMetrics:
+    # ModuleDict items are typed nn.Module; these hold ColdStartMetrics (or a test's stand-in)
+    return cast(ColdStartMetrics, metrics[mode])
+
+
+def run_train_step(
+    table: EmbeddingTable,
+    learner: MetaLearner,
+    optimizer: torch.optim.Optimizer | LightningOptimizer,
+    batch: TaskBatch,
+    *,
+    backward: Callable[[torch.Tensor], Any],
+    loss_weight: int = 1,
+    check: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One meta-step: lookup, meta loss, backward, dense optimizer step, sparse row update.
+
+    The LightningModule's ``training_step`` and the training benchmark both run exactly this.
+
+    Args:
+        table: the embedding table (local or row-sharded).
+        backward: ``manual_backward`` under Lightning (precision, DDP), ``Tensor.backward`` without.
+        loss_weight: how many units this rank's loss averages over (the global normaliser's share).
+        check: called with the loss and stats before the backward (e.g. to stop on divergence).
+
+    Returns:
+        the detached loss and the learner's stats.
+    """
+    # With a sharded table this is the step's only id/row exchange (support and query together).
+    lookup = table.lookup(batch, loss_weight=loss_weight)
+    loss, stats = learner.loss(batch, lookup)
+    if check is not None:
+        check(loss, stats)
+    optimizer.zero_grad()
+    # loss_share (1 on one process) weights this rank's mean so the ranks' gradients sum to the
+    # gradient of the global mean; the strategy sums dense gradients in optimizer.step().
+    backward(loss * lookup.loss_share)
+    optimizer.step()
+    table.apply_gradients(lookup)
+    return loss.detach(), stats
+
+
 class MetaDLRMModule(L.LightningModule):
     """Meta-DLRM: embedding tables + DLRM towers, trained by the meta algorithm named in ``meta``.
 
@@ -96,7 +141,7 @@ class MetaDLRMModule(L.LightningModule):
         embedding_dim: int = 16,
         bottom_mlp: tuple[int, ...] = (32,),
         top_mlp: tuple[int, ...] = (64, 32),
-        interaction: str = "concat",
+        interaction: Literal["concat", "dot"] = "concat",
         init_std: float = 0.05,
         dense_optimizer: dict[str, Any] | None = None,
         embedding_optimizer: dict[str, Any] | None = None,
@@ -106,10 +151,11 @@ class MetaDLRMModule(L.LightningModule):
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.schema = Schema.from_dict(schema)
-        self.meta_config = MetaConfig(**meta)
+        self.meta_config = MetaConfig.from_dict(meta)
         self.dense_optimizer_config = {"lr": 1e-3, "weight_decay": 0.0, **(dense_optimizer or {})}
         row_optimizer = dict(embedding_optimizer or {"name": "adagrad", "lr": 0.05})
-        self.embedding = EmbeddingCollection.from_schema(
+        # the local table here; HybridParallelStrategy replaces it by a row-sharded one
+        self.embedding: EmbeddingTable = EmbeddingCollection.from_schema(
             self.schema,
             dim=embedding_dim,
             init_std=init_std,
@@ -125,6 +171,8 @@ class MetaDLRMModule(L.LightningModule):
             top_mlp=list(top_mlp),
             interaction=interaction,
         )
+        #: the meta path: every training and evaluation step goes through it
+        self.learner = MetaLearner(self.dlrm, self.meta_config)
         if not 0.0 <= task_key_oov_rate <= 1.0:
             raise ValueError(f"task_key_oov_rate must be in [0, 1], got {task_key_oov_rate}")
         self.task_key_oov_rate = task_key_oov_rate
@@ -146,9 +194,6 @@ class MetaDLRMModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.dlrm.parameters(), **self.dense_optimizer_config)
 
-    def dense_params(self) -> dict[str, torch.Tensor]:
-        return dict(self.dlrm.named_parameters())
-
     def _drop_task_keys(self, batch: TaskBatch) -> None:
         """Map the task-key id of a random share of tasks to the OOV row (in place, training only)."""
         if self.task_key_oov_rate == 0.0 or self.task_key_column is None:
@@ -164,44 +209,46 @@ class MetaDLRMModule(L.LightningModule):
     def loss_weight(self, batch: TaskBatch) -> int:
         """How many units the local loss averages over: real tasks, or real samples for ``none``."""
         tm = batch.task_mask
-        if self.meta_config.name == "none":
+        if not self.meta_config.is_meta:
             return int((batch.support.mask & tm[:, None]).sum() + (batch.query.mask & tm[:, None]).sum())
         return int(tm.sum())
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
-        optimizer = self.optimizers()
         self._drop_task_keys(batch)
-        # With a sharded table this is the step's only id/row exchange (support and query together).
-        lookup = self.embedding.lookup(batch, loss_weight=self.loss_weight(batch))
-        loss, stats = meta_loss(self.dlrm, self.dense_params(), lookup.rows, lookup, batch, self.meta_config)
-        check_divergence(loss, stats, self.global_step, self.meta_config, batch.task_ids)
-        optimizer.zero_grad()
-        # loss_share (1 on one process) weights this rank's mean so the ranks' gradients sum to the
-        # gradient of the global mean; the strategy sums dense gradients in optimizer.step().
-        self.manual_backward(loss * lookup.loss_share)
-        optimizer.step()
-        self.embedding.apply_gradients(lookup)
+        optimizer = self.optimizers()
+        assert isinstance(optimizer, LightningOptimizer)  # configure_optimizers returns one
+        loss, stats = run_train_step(
+            self.embedding,
+            self.learner,
+            optimizer,
+            batch,
+            backward=self.manual_backward,
+            loss_weight=self.loss_weight(batch),
+            check=lambda loss, stats: check_divergence(
+                loss, stats, self.global_step, self.meta_config, batch.task_ids
+            ),
+        )
         real_tasks = int(batch.task_mask.sum())
         self.log("train/loss", loss, prog_bar=True, batch_size=real_tasks)
         for name in ("support_loss", "query_loss"):
             if name in stats and stats[name].numel() == 1 and torch.isfinite(stats[name]):
                 self.log(f"train/{name}", stats[name], batch_size=real_tasks)
-        return loss.detach()
+        return loss
 
     # -- evaluation ------------------------------------------------------------------------
     def _evaluate_batch(self, batch: TaskBatch, metrics: nn.ModuleDict) -> None:
         lookup = self.embedding.lookup(batch)
-        params = self.dense_params()
         for mode, adapted in EVAL_MODES:
-            logits = predict(self.dlrm, params, lookup.rows, lookup, batch, self.meta_config, adapted=adapted)
+            logits = self.learner.predict(batch, lookup, adapted=adapted)
             q = batch.query
-            metrics[mode].update(logits, q.label, q.mask, batch.state, batch.task_mask)
+            _metric(metrics, mode).update(logits, q.label, q.mask, batch.state, batch.task_mask)
 
     def _log_metrics(self, split: str, metrics: nn.ModuleDict) -> list[dict[str, Any]]:
         records = []
         for mode, adapted in EVAL_MODES:
-            per_state = metrics[mode].compute()  # a collective: every rank calls it
-            metrics[mode].reset()
+            metric = _metric(metrics, mode)
+            per_state = metric.compute()  # a collective: every rank calls it
+            metric.reset()
             for state, values in per_state.items():
                 records.append(
                     {"state": state, "method": self.meta_config.name, "adapted": adapted, **values}

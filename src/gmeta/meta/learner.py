@@ -1,0 +1,116 @@
+"""``MetaLearner``: the meta-learning objective and predictions of one model under one meta config.
+
+It is the only entry point to the meta path: the LightningModule's training and evaluation steps,
+serving, the evaluation report and the benchmarks all call ``loss(batch, lookup)`` or
+``predict(batch, lookup, adapted)``. The backend that computes the logits (``fast``, ``vmap`` or
+``reference``, see ``gmeta.meta.backend``) is chosen once, at construction.
+
+Objective (``loss``):
+    meta algorithms: mean over real tasks of each task's masked-mean query BCE at its adapted weights
+        (plus ``support_loss_weight`` times the support loss at the shared weights);
+    ``none``: masked-mean BCE over all real support + query samples at the shared weights.
+Dummy tasks (``task_mask`` False) and padded samples contribute exactly zero. ``loss.backward()``
+fills the dense params' and ``lookup.rows``' gradients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from gmeta.data.batch import TaskBatch
+from gmeta.meta import fast
+from gmeta.meta.backend import InnerLoop, MetaBackend, Pass
+from gmeta.meta.config import MetaConfig
+from gmeta.meta.losses import masked_bce, masked_sample_mean_bce, masked_task_mean
+from gmeta.meta.reference import ReferenceBackend
+from gmeta.meta.vmap import VmapBackend
+from gmeta.model.dlrm import DLRM
+from gmeta.model.embedding import EmbeddingLookup
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(model: DLRM, cfg: MetaConfig) -> MetaBackend:
+    """The backend ``cfg.backend`` names; ``fast`` falls back to ``vmap`` for a model it does not know."""
+    inner = InnerLoop.of(cfg)
+    if cfg.backend == "fast":
+        if fast.supports(model):
+            return fast.FastBackend(model, inner)
+        log.info(
+            "meta.backend=fast does not know %s's structure: using the vmap backend", type(model).__name__
+        )
+        return VmapBackend(model, inner)
+    if cfg.backend == "vmap":
+        return VmapBackend(model, inner)
+    return ReferenceBackend(model, inner)
+
+
+class MetaLearner:
+    """The meta objective and predictions of ``model`` under ``cfg``.
+
+    Args:
+        model: the dense towers (their current parameters are used at every call).
+        cfg: the meta-learning settings.
+    """
+
+    def __init__(self, model: DLRM, cfg: MetaConfig) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.backend = make_backend(model, cfg)
+
+    def _params(self) -> dict[str, Tensor]:
+        return dict(self.model.named_parameters())
+
+    def loss(self, batch: TaskBatch, lookup: EmbeddingLookup) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training objective at the model's params and ``lookup.rows``.
+
+        Returns:
+            loss: scalar, attached.
+            stats: detached ``support_loss`` (at the shared weights; NaN when no support forward ran)
+                and ``query_loss`` (means over real tasks), and the (T, Q) ``query_logits``.
+        """
+        cfg, tm = self.cfg, batch.task_mask
+        rows, s, q = lookup.rows, batch.support, batch.query
+        s_label, q_label = s.label.to(rows.dtype), q.label.to(rows.dtype)
+        params = self._params()
+        if not cfg.is_meta:
+            s_logits, q_logits = self.backend.plain_logits(params, rows, lookup, batch)
+            loss = masked_sample_mean_bce([(s_logits, s_label, s.mask), (q_logits, q_label, q.mask)], tm)
+            support_loss = masked_task_mean(masked_bce(s_logits, s_label, s.mask), tm)
+            query_loss = masked_task_mean(masked_bce(q_logits, q_label, q.mask), tm)
+        else:
+            weight = cfg.support_loss_weight
+            res = self.backend.adapted_logits(
+                params, rows, lookup, batch, Pass.for_training(cfg), support_grad=weight > 0
+            )
+            q_logits = res.query
+            loss = query_loss = masked_task_mean(masked_bce(q_logits, q_label, q.mask), tm)
+            if res.support is None:
+                support_loss = torch.full_like(loss, float("nan"))
+            else:
+                support_loss = masked_task_mean(masked_bce(res.support, s_label, s.mask), tm)
+                if weight > 0:
+                    loss = query_loss + weight * support_loss
+        stats = {
+            "support_loss": support_loss.detach(),
+            "query_loss": query_loss.detach(),
+            "query_logits": q_logits.detach(),
+        }
+        return loss, stats
+
+    def predict(self, batch: TaskBatch, lookup: EmbeddingLookup, adapted: bool) -> Tensor:
+        """(T, Q) query logits for evaluation (``sigmoid`` for probabilities); no graph is kept.
+
+        ``adapted``: first run the inner loop on each task's support set (first order; for ``none``
+        this is fine-tuning with the configured inner loop, the fair comparison); otherwise score the
+        query at the shared weights.
+        """
+        params = {k: v.detach() for k, v in self._params().items()}
+        rows = lookup.rows.detach()
+        if adapted and self.cfg.adapts:
+            return self.backend.adapted_logits(params, rows, lookup, batch, Pass.EVALUATE).query.detach()
+        with torch.no_grad():
+            return self.backend.shared_logits(params, rows, lookup.query, batch.query)
