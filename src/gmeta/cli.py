@@ -1,4 +1,4 @@
-"""The ``gmeta`` command line: ``gmeta adapt`` scores candidate items for new users (``gmeta.serve``);
+"""The ``gmeta`` command line: ``gmeta adapt`` scores candidate items for new users (``gmeta.serving``);
 ``gmeta export`` writes a sharded checkpoint directory as one checkpoint file.
 
     gmeta adapt --ckpt logs/movielens_maml/runs/<ts>/checkpoints/last.ckpt \\
@@ -89,17 +89,19 @@ def _adapt_parser(sub: argparse._SubParsersAction) -> None:
 
 def adapt(args: argparse.Namespace) -> int:
     """``gmeta adapt``: returns the exit status."""
-    from gmeta.serve import FewShotAdapter, read_table  # torch: load late
+    from gmeta.serving.adapter import FewShotAdapter  # torch: load late
+    from gmeta.serving.inputs import read_table
 
-    threshold: float | None | str = args.label_threshold
-    if isinstance(threshold, str) and threshold.lower() == "none":
+    raw: str = args.label_threshold  # argparse gives text
+    threshold: float | None | str = raw
+    if raw.lower() == "none":
         threshold = None
-    elif threshold != "training":
+    elif raw != "training":
         try:
-            threshold = float(threshold)
+            threshold = float(raw)
         except ValueError:
             raise SchemaError(
-                f"--label-threshold: expected a number, 'none' or 'training', got {threshold!r}"
+                f"--label-threshold: expected a number, 'none' or 'training', got {raw!r}"
             ) from None
     adapter = FewShotAdapter.from_checkpoint(
         args.ckpt,
@@ -109,7 +111,7 @@ def adapt(args: argparse.Namespace) -> int:
         label_threshold=threshold,
     )
     key = args.key or adapter.schema.task_key
-    item_column = args.item_column or adapter.encoding.item_key
+    item_column = args.item_column or adapter.encoder.item_key
     id_columns = adapter.id_columns(key) + ([item_column] if item_column else [])
     support = read_table(args.support, id_columns)
     candidates = read_table(args.candidates, id_columns)
@@ -200,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return report_user_errors(lambda: args.func(args), f"gmeta {args.command}")
     except SystemExit as e:  # a user error: the message is printed; return its status
+        assert e.code is not None  # report_user_errors exits with USER_ERROR_EXIT
         return int(e.code)
 
 

@@ -1,20 +1,20 @@
-"""Few-shot adaptation (``gmeta.serve`` / ``gmeta adapt``) against the evaluation path.
+"""Few-shot adaptation (``gmeta.serving`` / ``gmeta adapt``) against the evaluation path.
 
-A tiny model is trained for a few meta-steps with a Lightning Trainer on the small synthetic shards
-of ``tests/conftest.py`` and saved as a Lightning checkpoint. The evaluation path
+The model is the session's shared training run (``trained_run``, tests/integration/conftest.py:
+train.py on synthetic tasks), served from its last checkpoint and shards. The evaluation path
 (``MetaDLRMModule._evaluate_batch`` over the test DataLoader) scores every test task; the same raw
 interactions, fed through the serving API and the CLI, must give the same probabilities.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -22,17 +22,15 @@ import torch
 
 from gmeta.cli import main as cli_main
 from gmeta.data.datamodule import TaskDataModule
+from gmeta.data.encoder import EncodingError, FeatureEncoder
 from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.tasks import TaskConfig, build_tasks
 from gmeta.meta.module import MetaDLRMModule
-from gmeta.serve import (
-    Encoding,
-    FewShotAdapter,
-    ServeError,
-    encode_rows,
-    fill_candidate_features,
-    load_encoding,
-)
+from gmeta.serving import ServeError
+from gmeta.serving.adapter import FewShotAdapter
+from gmeta.serving.checkpoint import find_encoder
+from gmeta.serving.inputs import fill_candidate_features
+from helpers import TrainedRun, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-6
@@ -51,45 +49,16 @@ class _Recorder:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, shard_dir: Path) -> dict:
-    """A few meta-steps of MAML on the synthetic shards, saved as a run dir with a Lightning checkpoint."""
+def trained(tmp_path_factory: pytest.TempPathFactory, trained_run: TrainedRun) -> dict:
+    """The shared run's last checkpoint (in its run dir) and shards, read only; a copy without vocabulary."""
     tmp = tmp_path_factory.mktemp("serve")
-    L.seed_everything(0)
-    dm = TaskDataModule(shard_dir, batch_tasks=16, eval_batch_tasks=8)
-    dm.setup("fit")
-    model = MetaDLRMModule(
-        schema=dm.schema.to_dict(),
-        meta={"name": "maml", "inner_steps": 2, "inner_lr": 0.5},
-        embedding_dim=8,
-        bottom_mlp=(8,),
-        top_mlp=(16,),
-        init_std=0.3,
-        dense_optimizer={"lr": 0.01},
-    )
-    trainer = L.Trainer(
-        max_steps=4,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        devices=1,
-        inference_mode=False,
-    )
-    trainer.fit(model, datamodule=dm)
-    run_dir = tmp / "run"
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    ckpt.parent.mkdir(parents=True)
-    trainer.save_checkpoint(ckpt)
-    (run_dir / "config_resolved.yaml").write_text(f"data:\n  data_dir: {shard_dir}\n")
     # a checkpoint outside any run dir and without the vocabulary TaskDataModule.state_dict stores
     # (older checkpoints, or vocabularies over MAX_VOCAB_IN_CHECKPOINT): no way to find its vocabulary
     bare = tmp / "bare.ckpt"
-    raw = torch.load(ckpt, map_location="cpu", weights_only=False)
+    raw = load_checkpoint(trained_run.last_ckpt)
     raw["TaskDataModule"].pop("vocab")
     torch.save(raw, bare)
-    return {"tmp": tmp, "ckpt": ckpt, "bare": bare, "data_dir": shard_dir}
+    return {"tmp": tmp, "ckpt": trained_run.last_ckpt, "bare": bare, "data_dir": trained_run.data_dir}
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +81,11 @@ def eval_scores(trained: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.fixture(scope="module")
-def raw_tasks(ml_table, small_splits) -> tuple[pd.DataFrame, pd.DataFrame]:
+def raw_tasks(run_table, run_splits) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(support, candidates): the raw rows of every test task, keyed by a ``task`` column (= task id)."""
-    df, schema = ml_table
+    df, schema = run_table
     sup, cand = [], []
-    for task_id, (s, q) in small_splits.rows["test"].items():
+    for task_id, (s, q) in run_splits.rows["test"].items():
         sup.append(df.iloc[s].assign(task=task_id))
         cand.append(df.iloc[q].drop(columns=[schema.label, schema.time]).assign(task=task_id))
     return pd.concat(sup, ignore_index=True), pd.concat(cand, ignore_index=True)
@@ -178,7 +147,7 @@ def test_batching_many_users_equals_one_at_a_time(trained, raw_tasks, adapter) -
     keys = candidates["task"].unique()[:12]
     sup, cand = support[support.task.isin(keys)], candidates[candidates.task.isin(keys)]
     together = adapter.score(sup, cand, key="task")
-    one = FewShotAdapter(adapter.module, adapter.encoding, batch_users=1).score(sup, cand, key="task")
+    one = FewShotAdapter(adapter.module, adapter.encoder, batch_users=1).score(sup, cand, key="task")
     np.testing.assert_allclose(together["score"], one["score"], atol=TOL, rtol=0)
     np.testing.assert_allclose(together["score_plain"], one["score_plain"], atol=TOL, rtol=0)
 
@@ -223,11 +192,11 @@ def test_cli_equals_evaluation_path(tmp_path, trained, raw_tasks, eval_scores) -
 
 
 def test_console_script_with_item_table_user_columns_and_run_dir(
-    tmp_path, trained, ml_table, raw_tasks, eval_scores
+    tmp_path, trained, run_table, raw_tasks, eval_scores
 ):
     """``python -m gmeta.cli adapt`` as a user runs it: JSON inputs, candidates of only (task, user, item),
     features joined from an item table and the support rows, vocabulary found via the run dir."""
-    df, _ = ml_table
+    df, _ = run_table
     support, candidates = raw_tasks
     support.to_json(tmp_path / "support.json", orient="records")
     candidates[["task", "user_id", "item_id"]].to_csv(tmp_path / "candidates.csv", index=False)
@@ -261,7 +230,8 @@ def test_vocabulary_stored_in_the_checkpoint_is_used(tmp_path, trained, adapter,
     """A checkpoint carrying its data module's vocabulary needs no data dir (and no run dir)."""
     shutil.copy(trained["ckpt"], tmp_path / "with_vocab.ckpt")  # as Lightning saved it
     own = FewShotAdapter.from_checkpoint(tmp_path / "with_vocab.ckpt")
-    assert own.encoding.origin == "checkpoint['TaskDataModule']"
+    assert own.encoder.origin == "checkpoint['TaskDataModule']"
+    assert own.encoder == adapter.encoder  # the checkpoint's encoder is the shard folder's
     support, candidates = raw_tasks
     keys = candidates["task"].unique()[:5]
     sup, cand = support[support.task.isin(keys)], candidates[candidates.task.isin(keys)]
@@ -270,8 +240,8 @@ def test_vocabulary_stored_in_the_checkpoint_is_used(tmp_path, trained, adapter,
 
 # -- encoding: value for value what training wrote -----------------------------------------------
 def _assert_encodes_like_training(df: pd.DataFrame, splits, threshold: float | None) -> None:
-    enc = Encoding(splits.schema, splits.vocabs, threshold, None, "test")
-    got = encode_rows(df, enc, splits.schema.task_key, "table", with_label=True)  # all rows at once
+    enc = FeatureEncoder(splits.schema, splits.vocabs, threshold, None, "test")  # as serving rebuilds it
+    got = enc.encode(df, key=splits.schema.task_key, name="table", with_label=True)  # all rows at once
     for split in ("train", "test"):
         records = {r.task_id: r for r in splits.split(split)}
         for task_id, (s, q) in splits.rows[split].items():
@@ -363,18 +333,15 @@ def test_nan_label_names_row_user_and_column(adapter, raw_tasks) -> None:
     sup.loc[3, "rating"] = np.nan
     task = sup.loc[3, "task"]
     with pytest.raises(
-        ServeError, match=rf"sup\.csv: row 3 \(task='{task}'\), column 'rating': label nan is missing"
+        EncodingError, match=rf"sup\.csv: row 3 \(task='{task}'\), column 'rating': label nan is missing"
     ):
         adapter.score(sup, cand, key="task", names=("sup.csv", "cands.csv"))
 
 
 def test_labels_must_be_binary_without_threshold(adapter, raw_tasks) -> None:
     sup, cand = _one_task(raw_tasks)
-    strict = FewShotAdapter(
-        adapter.module,
-        adapter.encoding.__class__(adapter.encoding.schema, adapter.encoding.vocabs, None, "item_id", "test"),
-    )
-    with pytest.raises(ServeError, match=r"row 0 .*column 'rating': label \d\.0 is not 0/1"):
+    strict = FewShotAdapter(adapter.module, dataclasses.replace(adapter.encoder, label_threshold=None))
+    with pytest.raises(EncodingError, match=r"row 0 .*column 'rating': label \d\.0 is not 0/1"):
         strict.score(sup, cand, key="task")
     scores = strict.score(sup.assign(rating=(sup.rating >= 4).astype(float)), cand, key="task")
     np.testing.assert_allclose(
@@ -386,16 +353,18 @@ def test_bad_ids_and_values_are_reported(adapter, raw_tasks) -> None:
     sup, cand = _one_task(raw_tasks)
     bad = cand.copy()
     bad.loc[1, "item_id"] = None
-    with pytest.raises(ServeError, match=r"candidates: row 1 \(task=.*\), column 'item_id': missing id"):
+    with pytest.raises(EncodingError, match=r"candidates: row 1 \(task=.*\), column 'item_id': missing id"):
         adapter.score(sup, bad, key="task")
     bad = cand.copy()
     bad["year_norm"] = bad["year_norm"].astype(object)
     bad.loc[2, "year_norm"] = "soon"
-    with pytest.raises(ServeError, match=r"candidates: row 2 .*column 'year_norm': dense value 'soon'"):
+    with pytest.raises(EncodingError, match=r"candidates: row 2 .*column 'year_norm': dense value 'soon'"):
         adapter.score(sup, bad, key="task")
     bad = cand.copy()
     bad.loc[0, "genre"] = " ".join(f"g{i}" for i in range(7))
-    with pytest.raises(ServeError, match=r"candidates: row 0 .*column 'genre': 7 ids, more than max_len=6"):
+    with pytest.raises(
+        EncodingError, match=r"candidates: row 0 .*column 'genre': 7 ids, more than max_len=6"
+    ):
         adapter.score(sup, bad, key="task")
     bad = sup.copy().astype({"timestamp": object})
     bad.loc[4, "timestamp"] = "yesterday"
@@ -403,8 +372,8 @@ def test_bad_ids_and_values_are_reported(adapter, raw_tasks) -> None:
         adapter.score(bad, cand, key="task")
 
 
-def test_fill_candidate_features_errors(adapter, ml_table, raw_tasks) -> None:
-    df, schema = ml_table
+def test_fill_candidate_features_errors(adapter, run_table, raw_tasks) -> None:
+    df, schema = run_table
     sup, cand = _one_task(raw_tasks)
     items = df[ITEM_COLUMNS].drop_duplicates("item_id")
     slim = cand[["task", "user_id", "item_id"]].copy()
@@ -430,7 +399,7 @@ def test_shards_of_another_build_are_rejected(tmp_path, trained, adapter) -> Non
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     shutil.copy(trained["data_dir"] / "vocab.parquet", tmp_path / "vocab.parquet")
     with pytest.raises(ServeError, match=r"schema .* differs from the checkpoint's"):
-        load_encoding(adapter.schema, data_dir=tmp_path)
+        find_encoder(adapter.schema, data_dir=tmp_path)
 
 
 def test_cli_reports_input_errors_with_exit_status_2(tmp_path, trained, raw_tasks, capsys) -> None:

@@ -14,7 +14,7 @@ from gmeta.cli import main as cli_main
 from gmeta.meta.module import MetaDLRMModule
 from gmeta.parallel.comm import Communicator
 from gmeta.parallel.sharded_checkpoint import load_lightning_module, save_sharded
-from gmeta.serve import FewShotAdapter
+from gmeta.serving.adapter import FewShotAdapter
 
 
 def test_adapt_and_export_read_a_sharded_checkpoint_like_the_file(tmp_path, trained, raw_tasks, full_scores):  # noqa: F811

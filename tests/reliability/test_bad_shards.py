@@ -82,7 +82,7 @@ SERVING_CASES = [
 
 @pytest.mark.parametrize(("name", "content", "message"), SERVING_CASES, ids=[c[0] for c in SERVING_CASES])
 def test_bad_serving_input(tmp_path: Path, name: str, content: bytes | None, message: str) -> None:
-    from gmeta.serve import read_table
+    from gmeta.serving.inputs import read_table
 
     path = tmp_path / ("nope.csv" if content is None else name)
     if content is not None:
@@ -93,12 +93,14 @@ def test_bad_serving_input(tmp_path: Path, name: str, content: bytes | None, mes
 
 def test_adapt_refuses_a_data_dir_with_another_vocabulary(good_shards: Path) -> None:
     """gmeta adapt --data-dir: shards whose vocabulary is not the checkpoint's are an error."""
-    from gmeta.serve import load_encoding
+    from gmeta.data.encoder import FeatureEncoder
+    from gmeta.serving.checkpoint import find_encoder
 
     m = read_manifest(good_shards)
     own = m.data["vocab"]["sha256"]
     state = {"state_dict": {}, "TaskDataModule": {"data_dir": "x", "vocab_sha256": own}}
-    assert load_encoding(m.schema, state, data_dir=good_shards).index  # the same vocabulary: fine
+    # the same vocabulary: fine
+    assert find_encoder(m.schema, state, data_dir=good_shards) == FeatureEncoder.from_manifest(m.root, m.data)
     state["TaskDataModule"]["vocab_sha256"] = "f" * 64
     with pytest.raises(UserError, match=r"is not the one the checkpoint was trained with \(ffffffffffff"):
-        load_encoding(m.schema, state, data_dir=good_shards)
+        find_encoder(m.schema, state, data_dir=good_shards)

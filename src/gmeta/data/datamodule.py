@@ -52,6 +52,7 @@ from gmeta.data.batch import (
     collate_chunk_runs,
     collate_tasks,
 )
+from gmeta.data.encoder import encoder_settings
 from gmeta.data.schema import MULTI_HOT_PAD, Schema
 from gmeta.data.shards import MANIFEST, VOCAB, Manifest, prepare_shards
 from gmeta.data.sources.base import Source
@@ -474,7 +475,8 @@ class TaskDataLoader(DataLoader):
     def __init__(
         self, dataset: TaskStreamDataset, epoch_fn: Callable[[], int] | None = None, **kwargs: Any
     ) -> None:
-        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)
+        # torch types collate_fn for batched loading (a list of items); batch_size=None passes one item
+        super().__init__(dataset, batch_size=None, collate_fn=_identity, **kwargs)  # type: ignore[arg-type]
         self._epoch_fn = epoch_fn
         self._iterations = 0
         self._resume: Position | None = None
@@ -625,9 +627,10 @@ class TaskDataModule(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps of the data (Lightning stores it under the class name).
 
-        The vocabulary (raw id -> row per field) and the task config travel with the weights, so
-        ``gmeta adapt --ckpt`` can encode a new user's raw ids without the shard folder; vocabularies
-        over ``MAX_VOCAB_IN_CHECKPOINT`` bytes are referenced by folder and sha256 instead.
+        The feature encoder travels with the weights, so ``gmeta adapt --ckpt`` can encode a new
+        user's raw rows without the shard folder: ``encoder`` (``FeatureEncoder.to_dict``: schema,
+        label threshold, item key) and ``vocab``, its vocabularies; vocabularies over
+        ``MAX_VOCAB_IN_CHECKPOINT`` bytes are referenced by ``data_dir`` and ``vocab_sha256`` instead.
         """
         if self.manifest is None:
             return {}
@@ -636,6 +639,7 @@ class TaskDataModule(L.LightningDataModule):
             "data_dir": str(self.data_dir),
             "vocab_sha256": info.get("sha256"),
             "task_config": self.manifest.data.get("task_config"),
+            "encoder": encoder_settings(self.manifest.data, str(self.manifest.root)),
         }
         vocab = self._vocab_for_checkpoint(info)
         if vocab is not None:
@@ -661,7 +665,8 @@ class TaskDataModule(L.LightningDataModule):
         done = bool(progress.is_last_batch) or epoch_loop._num_ready_batches_reached()
         return Position(
             epoch=int(trainer.current_epoch),
-            batches=int(progress.current.processed),
+            # ``current`` is typed as the base tracker; Lightning's batch progress uses _ProcessedTracker
+            batches=int(progress.current.processed),  # type: ignore[attr-defined]
             epoch_done=done,
             layout=self.stream_layout(),
         )

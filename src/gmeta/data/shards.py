@@ -3,8 +3,10 @@
 Layout::
 
     out_dir/manifest.json         format version, schema (with vocab sizes), task config, seed,
-                                  counts per split/state, filter stats, shards with sha256
-    out_dir/vocab.parquet         raw value of every id (for serving new users; gmeta.data.vocab)
+                                  counts per split/state, filter stats, shards with sha256, the
+                                  feature encoder's settings (``encoder``: label threshold, item key)
+    out_dir/vocab.parquet         raw value of every id (gmeta.data.vocab); with the manifest's schema
+                                  and ``encoder`` entry it is the fitted ``gmeta.data.encoder.FeatureEncoder``
     out_dir/{train,val,test}/shard-000000.tar
 
 Format 2: every task is ONE tar member ``<key>.task`` (a WebDataset sample ``{"__key__", "task"}``)
@@ -56,7 +58,7 @@ from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import MULTI_HOT_PAD, STATES, Schema, SchemaError
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, TaskSplits, build_tasks
-from gmeta.data.vocab import VOCAB_FILE, write_vocab
+from gmeta.data.vocab import VOCAB_FILE
 from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -133,7 +135,8 @@ def write_shards(
     tasks_per_shard: int = 256,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write all splits as shards plus ``vocab.parquet`` and ``manifest.json`` (last); return the manifest.
+    """Write all splits as shards plus the encoder (``vocab.parquet`` and its manifest entries) and
+    ``manifest.json`` (last); return the manifest.
 
     Train tasks are shuffled once with ``seed`` before sharding so every shard mixes users;
     val/test keep ``build_tasks`` order.
@@ -145,7 +148,6 @@ def write_shards(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "schema": splits.schema.to_dict(),
         "task_config": task_config.to_dict(),
         "seed": seed,
         "source": source,
@@ -160,7 +162,7 @@ def write_shards(
             perm = np.random.default_rng([seed, 7]).permutation(len(records))
             records = [records[i] for i in perm]
         (out / split).mkdir(exist_ok=True)
-        shards = []
+        shards: list[dict[str, Any]] = []
         for k, start in enumerate(range(0, len(records), tasks_per_shard)):
             chunk = records[start : start + tasks_per_shard]
             rel = f"{split}/shard-{k:06d}.tar"
@@ -179,8 +181,7 @@ def write_shards(
             "samples": sum(s["samples"] for s in shards),
             "shards": shards,
         }
-    write_vocab(out / VOCAB, splits.vocabs)
-    manifest["vocab"] = {"path": VOCAB, "sha256": sha256_file(out / VOCAB)}
+    manifest.update(splits.encoder.save(out))  # schema, encoder settings, vocab.parquet
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log.info("wrote %s: %s", out, {s: manifest["splits"][s]["tasks"] for s in SPLITS})
     return manifest
@@ -530,7 +531,7 @@ class _Decoder:
         n = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
         base = np.asarray(starts, dtype=np.int64)
         offsets = {which: np.concatenate([[0], np.cumsum(n[:, s])]) for s, which in enumerate(SETS)}
-        views = {
+        views: dict[int, np.ndarray] = {  # by item size in bytes
             8: np.frombuffer(data, dtype=np.int64, count=len(data) // 8),
             4: np.frombuffer(data, dtype=np.float32, count=len(data) // 4),
         }

@@ -35,13 +35,13 @@ ones go to train (so an evaluation support set re-uses training interactions by 
 returning user's history would). Cold tasks and warm-evaluation tasks go to val or test by a seeded
 hash of the task key value, so one user's evaluation tasks never straddle val and test.
 
-Encoding: id vocabularies come from the train split only (sorted values -> 1..V-1); values never
-seen in training map to the OOV row 0, or to a stable hash bucket 1..B if the field is hashed.
+Encoding: a ``FeatureEncoder`` (``gmeta.data.encoder``, the rules shared with serving) fitted on the
+train split only (sorted values -> 1..V-1); values never seen in training map to the OOV row 0, or
+to a stable hash bucket 1..B if the field is hashed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -50,7 +50,18 @@ import numpy as np
 import pandas as pd
 
 from gmeta.data.batch import TaskRecord
-from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, STATES, FieldSpec, Schema, SchemaError
+from gmeta.data.encoder import (
+    BAD_DENSE,
+    BAD_LABEL,
+    MISSING_ID,
+    TOO_MANY_IDS,
+    EncodingError,
+    FeatureEncoder,
+    encode_labels,
+    resolved_label_threshold,
+)
+from gmeta.data.hashing import stable_hash
+from gmeta.data.schema import STATES, Schema, SchemaError
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +71,6 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: when it is shorter than min_interactions
 FILTER_REASONS: tuple[str, ...] = ("too_few_interactions", "too_many_interactions", "window_remainder")
 MAX_INTERACTIONS_POLICIES: tuple[str, ...] = ("drop", "window")
-#: ``label_threshold: auto`` is this threshold, for 0/1 labels only
-AUTO_LABEL_THRESHOLD = 0.5
-
-
-def stable_hash(text: str) -> int:
-    """A 64-bit hash that is the same in every process and Python version (unlike ``hash()``)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
-
-
-def resolved_label_threshold(value: float | str | None) -> float | None:
-    """The numeric threshold of a config value: ``"auto"`` is 0.5 (a build with ``auto`` succeeds only
-    on 0/1 labels, so any shard set built with it used 0.5)."""
-    return AUTO_LABEL_THRESHOLD if value == "auto" else (None if value is None else float(value))
 
 
 def auto_threshold_error(label: str, value: float, where: str) -> SchemaError:
@@ -219,8 +217,7 @@ class TaskSplits:
 
     Attributes:
         train / val / test: tasks of each split, in a deterministic order.
-        schema: the input schema with vocabulary sizes set.
-        vocabs: per non-hashed id field, the raw value of ids 1..V-1 (index i holds id i+1).
+        encoder: the fitted encoder (schema with vocabulary sizes, vocabularies, label rule).
         stats: counts per split and state, filtered counts with reason, thresholds (see ``format_stats``).
         rows: split -> task_id -> (support rows, query rows) as positions in the input table.
     """
@@ -228,10 +225,19 @@ class TaskSplits:
     train: list[TaskRecord]
     val: list[TaskRecord]
     test: list[TaskRecord]
-    schema: Schema
-    vocabs: dict[str, list[str]]
+    encoder: FeatureEncoder
     stats: dict[str, Any]
     rows: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+    @property
+    def schema(self) -> Schema:
+        """The input schema with vocabulary sizes set."""
+        return self.encoder.schema
+
+    @property
+    def vocabs(self) -> dict[str, list[str]]:
+        """Per non-hashed id field, the raw value of ids 1..V-1 (index i holds id i+1)."""
+        return self.encoder.vocabs
 
     def split(self, name: str) -> list[TaskRecord]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -275,103 +281,44 @@ def _new_items(
     return (values >= float(rule["min_value"])).to_numpy(), float(rule["min_value"])
 
 
-# -- encoding ----------------------------------------------------------------------------------
-def _bucket(f: FieldSpec, values: np.ndarray) -> np.ndarray:
-    return np.array([1 + stable_hash(f"{f.name}\0{v}") % f.hash_buckets for v in values], dtype=np.int64)
-
-
-def _encode_sparse(f: FieldSpec, col: pd.Series, train_rows: np.ndarray) -> tuple[np.ndarray, int, list[str]]:
-    codes, uniques = pd.factorize(col.astype(str))
-    uniques = np.asarray(uniques, dtype=object)
-    if f.hash_buckets > 0:
-        return _bucket(f, uniques)[codes], f.hash_buckets + 1, []
-    vocab = sorted(set(uniques[np.unique(codes[train_rows])]))
-    idx = pd.Index(vocab).get_indexer(uniques)
-    ids = np.where(idx >= 0, idx + 1, OOV_ID).astype(np.int64)
-    return ids[codes], len(vocab) + 1, vocab
-
-
-def _encode_multi_hot(
-    f: FieldSpec, col: pd.Series, train_rows: np.ndarray, width: int, df: pd.DataFrame, key: str
-) -> tuple[np.ndarray, int, list[str]]:
-    codes, uniques = pd.factorize(col.fillna("").astype(str))
-    lists = [[t for t in str(u).split(f.separator) if t] for u in uniques]
-    for u, toks in enumerate(lists):
-        if len(toks) > f.max_len:
-            r = int((codes == u).nonzero()[0][0])
+# -- encoding (the rules are gmeta.data.encoder's; the words are the build's, shared by every engine)
+def _encode(df: pd.DataFrame, encoder: FeatureEncoder, key: str) -> dict[str, np.ndarray]:
+    """Every row's feature arrays (``sparse``, ``multi_hot``, ``dense``) by the fitted encoder."""
+    try:
+        rows = encoder.encode(df, key=key, name="interaction table", with_label=False)
+    except EncodingError as e:
+        where, f = _where(df, key, e.row), e.column
+        if e.reason == MISSING_ID:
+            raise SchemaError(f"sparse field {f!r}: missing id (NaN) at {where}") from None
+        if e.reason == TOO_MANY_IDS:
+            max_len = encoder.schema.field(f).max_len
             raise SchemaError(
-                f"multi_hot field {f.name!r}: {_where(df, key, r)} has {len(toks)} ids, more than max_len={f.max_len}"
-            )
-    if f.hash_buckets > 0:
-        vocab: list[str] = []
-        size = f.hash_buckets + 1
-        lookup = {t: int(_bucket(f, np.array([t]))[0]) for toks in lists for t in toks}
-    else:
-        vocab = sorted({t for u in np.unique(codes[train_rows]) for t in lists[u]})
-        size = len(vocab) + 1
-        known = {t: i + 1 for i, t in enumerate(vocab)}
-        lookup = {t: known.get(t, OOV_ID) for toks in lists for t in toks}
-    table = np.full((len(lists), width), MULTI_HOT_PAD, dtype=np.int64)
-    for u, toks in enumerate(lists):
-        table[u, : len(toks)] = [lookup[t] for t in toks]
-    return table[codes], size, vocab
-
-
-def _encode(
-    df: pd.DataFrame, schema: Schema, key: str, train_rows: np.ndarray
-) -> tuple[dict[str, np.ndarray], Schema, dict[str, list[str]]]:
-    """Encode every row; vocabularies from ``train_rows`` only. Returns arrays over all rows."""
-    n = len(df)
-    for f in schema.id_fields:
-        if f.kind == "sparse" and df[f.name].isna().any():
-            r = int(df[f.name].isna().to_numpy().nonzero()[0][0])
-            raise SchemaError(f"sparse field {f.name!r}: missing id (NaN) at {_where(df, key, r)}")
-    sizes: dict[str, int] = {}
-    vocabs: dict[str, list[str]] = {}
-    sparse_cols = []
-    for f in schema.sparse:
-        ids, sizes[f.name], vocabs[f.name] = _encode_sparse(f, df[f.name], train_rows)
-        sparse_cols.append(ids)
-    width = schema.max_multi_hot_len
-    mh_cols = []
-    for f in schema.multi_hot:
-        ids, sizes[f.name], vocabs[f.name] = _encode_multi_hot(f, df[f.name], train_rows, width, df, key)
-        mh_cols.append(ids)
-    dense_names = [f.name for f in schema.dense]
-    dense = df[dense_names].to_numpy(dtype=np.float32) if dense_names else np.zeros((n, 0), np.float32)
-    if not np.isfinite(dense).all():
-        r, c = (int(x[0]) for x in np.nonzero(~np.isfinite(dense)))
-        raise SchemaError(
-            f"dense field {dense_names[c]!r}: non-finite value {dense[r, c]} at {_where(df, key, r)}"
-        )
-    arrays = {
-        "sparse": np.stack(sparse_cols, axis=1) if sparse_cols else np.zeros((n, 0), np.int64),
-        "multi_hot": np.stack(mh_cols, axis=1) if mh_cols else np.zeros((n, 0, 0), np.int64),
-        "dense": dense,
-    }
-    return arrays, schema.with_vocab_sizes(sizes), vocabs
+                f"multi_hot field {f!r}: {where} has {e.count} ids, more than max_len={max_len}"
+            ) from None
+        if e.reason == BAD_DENSE:
+            value = np.float32(pd.to_numeric(pd.Series([e.value]), errors="coerce").iloc[0])
+            raise SchemaError(f"dense field {f!r}: non-finite value {value} at {where}") from None
+        raise
+    return {"sparse": rows.sparse, "multi_hot": rows.multi_hot, "dense": rows.dense}
 
 
 # -- task construction -------------------------------------------------------------------------
 def _labels(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, key: str) -> tuple[np.ndarray, float | None]:
     """(0/1 labels, the threshold used: None for raw 0/1 labels)."""
-    raw = pd.to_numeric(df[schema.label], errors="coerce").to_numpy(dtype=np.float64)
-    if np.isnan(raw).any():
-        r = int(np.isnan(raw).nonzero()[0][0])
-        raise SchemaError(f"label {schema.label!r}: NaN or non-numeric value at {_where(df, key, r)}")
-    bad = ~np.isin(raw, (0.0, 1.0))
-    if cfg.label_threshold == "auto" and bad.any():
-        r = int(bad.nonzero()[0][0])
-        raise auto_threshold_error(schema.label, raw[r], _where(df, key, r))
     threshold = resolved_label_threshold(cfg.label_threshold)
-    if threshold is not None:
-        return (raw >= threshold).astype(np.float32), threshold
-    if bad.any():
-        r = int(bad.nonzero()[0][0])
-        raise SchemaError(
-            f"label {schema.label!r}: {raw[r]} at {_where(df, key, r)} is not 0/1 and label_threshold is None"
-        )
-    return raw.astype(np.float32), None
+    auto = cfg.label_threshold == "auto"  # 0.5 on labels that must be 0/1: the raw-label rule
+    label = schema.label
+
+    def fail(r: int, reason: str, what: str) -> SchemaError:
+        where = _where(df, key, r)
+        if reason == BAD_LABEL:
+            return SchemaError(f"label {label!r}: NaN or non-numeric value at {where}")
+        value = float(pd.to_numeric(pd.Series([df[label].iloc[r]])).iloc[0])
+        if auto:
+            return auto_threshold_error(label, value, where)
+        return SchemaError(f"label {label!r}: {value} at {where} is not 0/1 and label_threshold is None")
+
+    return encode_labels(df[label], None if auto else threshold, fail), threshold
 
 
 def _duplicates(df: pd.DataFrame, columns: list[str], key: str) -> dict[str, Any]:
@@ -481,7 +428,9 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
     train_rows = np.unique(
         np.concatenate([np.r_[a, b] for _, _, a, b in plan["train"]] or [np.zeros(0, np.int64)])
     )
-    arrays, enc_schema, vocabs = _encode(df, schema, key, train_rows)
+    encoder = FeatureEncoder.fit(df, schema, train_rows, threshold, cfg.item_key)
+    arrays = _encode(df, encoder, key)
+    enc_schema = encoder.schema
 
     def record(task_id: str, st: str, sup: np.ndarray, qry: np.ndarray) -> TaskRecord:
         out: dict[str, np.ndarray] = {}
@@ -496,9 +445,9 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
     counts = {
         s: {st: {"tasks": 0, "interactions": 0, "support": 0, "query": 0} for st in STATES} for s in SPLITS
     }
-    for s in SPLITS:
-        for _task_id, st, sup, qry in plan[s]:
-            c = counts[s][st]
+    for split in SPLITS:
+        for _task_id, st, sup, qry in plan[split]:
+            c = counts[split][st]
             c["tasks"] += 1
             c["support"] += len(sup)
             c["query"] += len(qry)
@@ -523,8 +472,7 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
         train=splits["train"],
         val=splits["val"],
         test=splits["test"],
-        schema=enc_schema,
-        vocabs=vocabs,
+        encoder=encoder,
         stats=stats,
         rows=rows_out,
     )

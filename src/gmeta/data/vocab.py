@@ -1,6 +1,8 @@
 """The vocabulary file of a shard folder: the raw value behind every id of every non-hashed id field.
 
-Serving needs it to encode a new user's raw ids exactly as the build did. At industrial scale it
+With the manifest's schema and ``encoder`` entry it makes up the build's fitted
+``gmeta.data.encoder.FeatureEncoder``, which serving uses to encode a new user's raw ids exactly as
+the build did. At industrial scale it
 holds millions of values (128M interactions: ~5M users and items), so it is columnar: one Parquet
 file, one row per (field, id), columns ``field`` (dictionary-encoded), ``id`` and ``value``, sorted by
 field name then id; the file's metadata lists every field, so a field with no values (every value

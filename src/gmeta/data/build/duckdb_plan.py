@@ -11,8 +11,9 @@ memory limit):
 * one window pass: position of every row in its (key, state) task by (time, input row) and the
   task's size;
 * vocabularies from the training rows only (warm tasks within the size range, minus the held-out
-  warm-evaluation queries), in sorted string order; hashed fields by the reference hash per
-  distinct value; multi-hot lists encoded once per distinct raw value;
+  warm-evaluation queries), in sorted string order; sparse ids by a join with the vocabulary (the
+  encoder's lookup rule in SQL: position + 1, unseen -> 0); hashed fields and multi-hot lists by
+  ``gmeta.data.encoder``'s functions, once per distinct raw value;
 * the encoded rows of every kept task, written as Parquet, partitioned by ``code % partitions``.
 
 Errors name the row (0-based input position), the task and the column, with the reference's words.
@@ -29,16 +30,18 @@ import numpy as np
 import pyarrow as pa
 
 from gmeta.data.build.plan import PlanResult, plan_columns
-from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, FieldSpec, Schema, SchemaError
-from gmeta.data.tasks import (
-    SPLITS,
-    TaskConfig,
-    auto_threshold_error,
-    check_label_balance,
-    filter_rules,
+from gmeta.data.encoder import (
+    FeatureEncoder,
+    bucket_ids,
+    fit_vocabulary,
+    parse_tokens,
     resolved_label_threshold,
-    stable_hash,
+    token_ids,
+    vocab_index,
 )
+from gmeta.data.hashing import stable_hash
+from gmeta.data.schema import OOV_ID, FieldSpec, Schema, SchemaError
+from gmeta.data.tasks import SPLITS, TaskConfig, auto_threshold_error, check_label_balance, filter_rules
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +71,24 @@ class DuckDBPlanner:
         self.key = cfg.task_key or schema.task_key
 
     # -- helpers ---------------------------------------------------------------------------
-    def _one(self, sql: str) -> tuple | None:
+    def _one(self, sql: str) -> tuple[Any, ...]:
+        """The first row of ``sql``: an aggregate, or a lookup of a row known to exist."""
         rows = self.con.execute(sql).fetchall()  # fetch everything: DuckDB 2 refuses work on an open result
-        return rows[0] if rows else None
+        assert rows, f"no row from {sql}"
+        return rows[0]
 
     def _arrow(self, sql: str) -> pa.Table:
         return self.con.sql(sql).to_arrow_table()
 
     def _where(self, rn: int) -> str:
-        value = self._one(f"SELECT CAST({q(self.key)} AS VARCHAR) FROM src WHERE {ROW} = {rn}")
-        return f"row {rn} (task {self.key}={value[0] if value else None!r})"
+        rows = self.con.execute(
+            f"SELECT CAST({q(self.key)} AS VARCHAR) FROM src WHERE {ROW} = {rn}"
+        ).fetchall()
+        return f"row {rn} (task {self.key}={rows[0][0] if rows else None!r})"
 
     def _first_row(self, condition: str, table: str = "src") -> int | None:
-        row = self._one(f"SELECT min({ROW}) FROM {table} WHERE {condition}")
-        return None if row is None or row[0] is None else int(row[0])
+        row = self._one(f"SELECT min({ROW}) FROM {table} WHERE {condition}")  # NULL when no row matches
+        return None if row[0] is None else int(row[0])
 
     # -- checks (same order and words as the reference) ------------------------------------
     def check_inputs(self) -> None:
@@ -216,7 +223,7 @@ class DuckDBPlanner:
             return "", "false", None
         if "quantile" in rule:
             col = rule.get("column", self.cfg.item_key)
-            if col not in columns:
+            if col is None or col not in columns:
                 raise SchemaError(f"new_item_rule: item column {col!r} is not in the interaction table")
             threshold = self._quantile_flags(q(col), float(rule["quantile"]), "item_flags")
             join = f"JOIN item_flags ON item_flags.value = CAST(src.{q(col)} AS VARCHAR)"
@@ -245,11 +252,7 @@ class DuckDBPlanner:
         col = q(f"f{i}")
         if f.hash_buckets > 0:
             values = self._arrow(f"SELECT DISTINCT {col} AS v FROM rows WHERE {kept}").column("v")
-            ids = np.fromiter(
-                (1 + stable_hash(f"{f.name}\0{v}") % f.hash_buckets for v in values.to_pylist()),
-                dtype=np.int64,
-                count=len(values),
-            )
+            ids = bucket_ids(f, values.to_pylist())
             self._table_from_arrow(f"ids_{i}", pa.table({"v": values, "id": pa.array(ids)}))
             return f.hash_buckets + 1, []
         self.con.execute(
@@ -262,34 +265,26 @@ class DuckDBPlanner:
     def _multi_hot_ids(self, i: int, f: FieldSpec, width: int, train: str) -> tuple[int, list[str]]:
         """Table ``mh_<i>`` (v, c0..c{width-1}): the encoded list of every distinct raw value."""
         col = q(f"m{i}")
-        # max_len is checked on every row, as the reference does
-        raw = self._arrow(f"SELECT DISTINCT {col} AS v FROM rows").column("v").to_pylist()
-        lists = [[t for t in v.split(f.separator) if t] for v in raw]
-        for v, toks in zip(raw, lists, strict=True):
-            if len(toks) > f.max_len:
-                r = self._first_row(f"{col} = {lit(v)}", table="rows")
-                raise SchemaError(
-                    f"multi_hot field {f.name!r}: {self._where(r)} has {len(toks)} ids, more than max_len={f.max_len}"
-                )
+        # every distinct raw value (max_len is checked on every row, as the reference does) and
+        # whether a training row holds it (its tokens then enter the vocabulary)
+        distinct = self._arrow(f"SELECT {col} AS v, bool_or({train}) AS t FROM rows GROUP BY 1")
+        raw, in_train = distinct.column("v").to_pylist(), distinct.column("t").to_pylist()
+        lists = [parse_tokens(v, f.separator) for v in raw]
+        too_long = [v for v, toks in zip(raw, lists, strict=True) if len(toks) > f.max_len]
+        if too_long:  # name the first row holding a too long list
+            r = self._first_row(f"{col} IN ({', '.join(lit(v) for v in too_long)})", table="rows")
+            assert r is not None  # too_long holds values of rows
+            n = len(parse_tokens(self._one(f"SELECT {col} FROM rows WHERE {ROW} = {r}")[0], f.separator))
+            raise SchemaError(
+                f"multi_hot field {f.name!r}: {self._where(r)} has {n} ids, more than max_len={f.max_len}"
+            )
         if f.hash_buckets > 0:
             vocab: list[str] = []
-            size = f.hash_buckets + 1
-            lookup = {t: 1 + stable_hash(f"{f.name}\0{t}") % f.hash_buckets for toks in lists for t in toks}
+            size, index = f.hash_buckets + 1, None
         else:
-            sep = lit(f.separator)
-            vocab = [
-                r[0]
-                for r in self.con.execute(
-                    f"SELECT DISTINCT t FROM (SELECT unnest(string_split({col}, {sep})) AS t FROM rows "
-                    f"WHERE {train}) WHERE t <> '' ORDER BY t"
-                ).fetchall()
-            ]
-            size = len(vocab) + 1
-            known = {t: k + 1 for k, t in enumerate(vocab)}
-            lookup = {t: known.get(t, OOV_ID) for toks in lists for t in toks}
-        table = np.full((len(raw), width), MULTI_HOT_PAD, dtype=np.int64)
-        for u, toks in enumerate(lists):
-            table[u, : len(toks)] = [lookup[t] for t in toks]
+            vocab = fit_vocabulary(t for toks, tr in zip(lists, in_train, strict=True) if tr for t in toks)
+            size, index = len(vocab) + 1, vocab_index(vocab)
+        table = token_ids(f, lists, index, width)
         self._table_from_arrow(
             f"mh_{i}",
             pa.table({"v": pa.array(raw, pa.string()), **{f"c{j}": table[:, j] for j in range(width)}}),
@@ -421,8 +416,7 @@ class DuckDBPlanner:
         return PlanResult(
             parts_dir=out_dir,
             partitions=parts,
-            schema=s.with_vocab_sizes(sizes),
-            vocabs=vocabs,
+            encoder=FeatureEncoder(s.with_vocab_sizes(sizes), vocabs, threshold, cfg.item_key, "build"),
             stats=stats,
             columns=plan_columns(s),
         )

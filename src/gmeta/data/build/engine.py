@@ -24,12 +24,10 @@ import numpy as np
 from gmeta.data.build.duckdb_plan import ROW, DuckDBPlanner
 from gmeta.data.build.partitions import PartitionJob, write_partition
 from gmeta.data.build.plan import PlanResult
-from gmeta.data.checksums import sha256_file
 from gmeta.data.schema import STATES, Schema, SchemaError
-from gmeta.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, VOCAB
+from gmeta.data.shards import FORMAT, FORMAT_VERSION, MANIFEST
 from gmeta.data.sources.base import Source
 from gmeta.data.tasks import SPLITS, TaskConfig, format_stats
-from gmeta.data.vocab import write_vocab
 from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -180,7 +178,8 @@ def write_manifest(
     source_description: dict[str, Any] | None,
     engine: str,
 ) -> dict[str, Any]:
-    """Merge the partition writers' results (in partition order) into ``vocab.parquet`` and ``manifest.json`` (last)."""
+    """Merge the partition writers' results (in partition order) into ``manifest.json`` (last), with
+    the plan's encoder (``vocab.parquet`` and its manifest entries)."""
     counts = _merge_counts(results)
     stats = {**plan.stats, "counts": counts, "warm_eval_held_out": sum(r["held_out"] for r in results)}
     if not any(counts[s][st]["tasks"] for s in SPLITS for st in STATES):
@@ -188,7 +187,6 @@ def write_manifest(
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "schema": plan.schema.to_dict(),
         "task_config": task_config.to_dict(),
         "seed": seed,
         "source": source_description,
@@ -205,8 +203,7 @@ def write_manifest(
             "samples": sum(s["samples"] for s in shards),
             "shards": shards,
         }
-    write_vocab(out / VOCAB, plan.vocabs)
-    manifest["vocab"] = {"path": VOCAB, "sha256": sha256_file(out / VOCAB)}
+    manifest.update(plan.encoder.save(out))  # schema, encoder settings, vocab.parquet
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     log.info("tasks built:\n%s", format_stats(stats))
     log.info("wrote %s: %s", out, {s: manifest["splits"][s]["tasks"] for s in SPLITS})

@@ -85,7 +85,9 @@ def _load(job: PartitionJob) -> tuple[dict[str, np.ndarray], pa.ChunkedArray] | 
     return arrays, table.column("k").take(pa.array(order))
 
 
-def _plan(arrays: dict[str, np.ndarray], keys: pa.ChunkedArray, cfg: TaskConfig, seed: int):
+def _plan(
+    arrays: dict[str, np.ndarray], keys: pa.ChunkedArray, cfg: TaskConfig, seed: int
+) -> tuple[dict[str, list[Planned]], int]:
     """Tasks per split in the reference's order, plus the number of held-out warm tasks."""
     code, state, win = arrays["code"], arrays["state"], arrays["win"]
     new_task = (code[1:] != code[:-1]) | (state[1:] != state[:-1]) | (win[1:] != win[:-1])
@@ -143,7 +145,7 @@ def train_permutation(seed: int, tasks: int, part: int, partitions: int) -> np.n
 def write_partition(job: PartitionJob) -> dict[str, Any]:
     """Write one partition's shards; return their manifest entries, counts and held-out tasks."""
     loaded = _load(job)
-    empty = {s: [] for s in SPLITS}
+    empty: dict[str, list[Planned]] = {s: [] for s in SPLITS}
     if loaded is None:
         return {"part": job.part, "shards": empty, "counts": _counts(empty), "held_out": 0}
     arrays, keys = loaded

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gmeta.data.encoder import FeatureEncoder
 from gmeta.data.schema import Schema
 
 
@@ -52,8 +53,7 @@ class PlanResult:
     Attributes:
         parts_dir: folder holding ``part=<p>/*.parquet``.
         partitions: number of partitions (some may be empty).
-        schema: the schema with vocabulary sizes.
-        vocabs: raw value of ids 1..V-1 per non-hashed id field.
+        encoder: the fitted feature encoder (schema with vocabulary sizes, vocabularies, label rule).
         stats: interactions, task_keys, filtered, thresholds, positive_rate, vocab_sizes
             (``counts`` and ``warm_eval_held_out`` come from the partition writers).
         columns: the encoded column names.
@@ -61,10 +61,14 @@ class PlanResult:
 
     parts_dir: Path
     partitions: int
-    schema: Schema
-    vocabs: dict[str, list[str]]
+    encoder: FeatureEncoder
     stats: dict[str, Any]
     columns: PlanColumns
+
+    @property
+    def schema(self) -> Schema:
+        """The schema with vocabulary sizes."""
+        return self.encoder.schema
 
     def part_dir(self, p: int) -> Path:
         return self.parts_dir / f"part={p}"

@@ -11,7 +11,8 @@ with the same results:
   task's size; the result is persisted (memory, then disk) because every later step reads it;
 * vocabularies from the training rows, sorted on the driver (the vocabulary is written there
   anyway) and joined back; hashed sparse fields hashed by a vectorised Python UDF on the executors;
-  multi-hot lists encoded once per distinct raw value on the driver, as the DuckDB plan does;
+  multi-hot lists encoded once per distinct raw value on the driver, as the DuckDB plan does (both
+  with ``gmeta.data.encoder``'s functions);
 * the encoded rows of every kept task written as Parquet to ``<out>/_build/parts/part=<p>/``
   (``p = code % partitions``), the layout of ``plan.PlanResult``.
 
@@ -43,16 +44,19 @@ from gmeta.data.build.duckdb_plan import ROW
 from gmeta.data.build.partitions import PartitionJob, write_partition
 from gmeta.data.build.plan import PlanResult, plan_columns
 from gmeta.data.build.spark_source import NANOS_AS_LONG, first_rows, q, source_frame, value_at
-from gmeta.data.schema import MULTI_HOT_PAD, OOV_ID, FieldSpec, Schema, SchemaError
-from gmeta.data.sources.base import Source
-from gmeta.data.tasks import (
-    TaskConfig,
-    auto_threshold_error,
-    check_label_balance,
-    filter_rules,
+from gmeta.data.encoder import (
+    FeatureEncoder,
+    bucket_ids,
+    fit_vocabulary,
+    parse_tokens,
     resolved_label_threshold,
-    stable_hash,
+    token_ids,
+    vocab_index,
 )
+from gmeta.data.hashing import stable_hash
+from gmeta.data.schema import OOV_ID, FieldSpec, Schema, SchemaError
+from gmeta.data.sources.base import Source
+from gmeta.data.tasks import TaskConfig, auto_threshold_error, check_label_balance, filter_rules
 from gmeta.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -83,15 +87,14 @@ def spark_session(options: Any) -> tuple[Any, bool]:
     return builder.getOrCreate(), True
 
 
-def _bucket_udf(name: str, buckets: int) -> Any:
-    """A vectorised UDF: value -> 1 + stable_hash(name NUL value) % buckets (the reference's bucket)."""
+def _bucket_udf(f: FieldSpec) -> Any:
+    """A vectorised UDF: value -> its hash bucket in field ``f`` (``gmeta.data.encoder.bucket_ids``)."""
     from pyspark.sql.functions import pandas_udf
 
-    @pandas_udf("long")
+    # pyspark's stubs predate type-hinted pandas UDFs: they require the legacy functionType
+    @pandas_udf("long")  # type: ignore[call-overload]
     def bucket(values: pd.Series) -> pd.Series:
-        return pd.Series(
-            [1 + stable_hash(f"{name}\0{v}") % buckets for v in values], index=values.index, dtype="int64"
-        )
+        return pd.Series(bucket_ids(f, values), index=values.index, dtype="int64")
 
     return bucket
 
@@ -155,12 +158,14 @@ class SparkPlanner:
         hits = first_rows(self.src, ROW, checks)
         if hits["key"] is not None:
             raise SchemaError(f"task key {key!r}: missing value (NaN) at row {hits['key']}")
-        if hits.get("time") is not None:
-            raise SchemaError(f"time column {s.time!r}: missing value at {self._where(hits['time'])}")
-        if hits["label"] is not None:
-            raise SchemaError(f"label {s.label!r}: NaN or non-numeric value at {self._where(hits['label'])}")
-        if hits.get("binary") is not None:
-            r = hits["binary"]
+        r = hits.get("time")
+        if r is not None:
+            raise SchemaError(f"time column {s.time!r}: missing value at {self._where(r)}")
+        r = hits["label"]
+        if r is not None:
+            raise SchemaError(f"label {s.label!r}: NaN or non-numeric value at {self._where(r)}")
+        r = hits.get("binary")
+        if r is not None:
             value = value_at(self.src, ROW, r, label)
             if self.cfg.label_threshold == "auto":
                 raise auto_threshold_error(s.label, value, self._where(r))
@@ -205,10 +210,9 @@ class SparkPlanner:
     def _raise_field_errors(self, rows: Any, hits: dict[str, int | None]) -> None:
         """The first failed ``_field_checks`` (every row, filtered tasks included) as the reference words it."""
         for i, f in enumerate(self.schema.sparse):
-            if hits[f"s{i}"] is not None:
-                raise SchemaError(
-                    f"sparse field {f.name!r}: missing id (NaN) at {self._where(hits[f's{i}'])}"
-                )
+            r = hits[f"s{i}"]
+            if r is not None:
+                raise SchemaError(f"sparse field {f.name!r}: missing id (NaN) at {self._where(r)}")
         r = hits.get("dense")
         if r is not None:  # the first bad row, then its first bad column (the reference's row-major order)
             dense = [f"d{i}" for i in range(len(self.schema.dense))]
@@ -271,7 +275,7 @@ class SparkPlanner:
             return None, "", "false", None
         if "quantile" in rule:
             col = rule.get("column", self.cfg.item_key)
-            if col not in columns:
+            if col is None or col not in columns:
                 raise SchemaError(f"new_item_rule: item column {col!r} is not in the interaction table")
             flags, threshold = self._quantile_flags(q(col), float(rule["quantile"]))
             return self._frame(flags), col, "item_new", threshold
@@ -327,9 +331,9 @@ class SparkPlanner:
 
         col = f"f{i}"
         if f.hash_buckets > 0:
-            bucket = _bucket_udf(f.name, f.hash_buckets)
+            bucket = _bucket_udf(f)
             return encoded.withColumn(f"s{i}", bucket(F.col(col))), f.hash_buckets + 1, []
-        vocab = sorted(distinct.get(col, ([], []))[0])  # code-point order, as the reference
+        vocab = fit_vocabulary(distinct.get(col, ([], []))[0])
         ids = self._frame(
             pa.table(
                 {
@@ -356,28 +360,23 @@ class SparkPlanner:
 
         col = f"m{i}"
         raw, in_train = distinct.get(col, ([], []))
-        lists = [[t for t in v.split(f.separator) if t] for v in raw]
+        lists = [parse_tokens(v, f.separator) for v in raw]
         too_long = [v for v, toks in zip(raw, lists, strict=True) if len(toks) > f.max_len]
         if too_long:  # max_len is checked on every row; name the first row holding a too long list
             bad = self._frame(pa.table({col: pa.array(too_long, pa.string())}))
             r = int(rows.join(F.broadcast(bad), col).agg(F.min(ROW)).collect()[0][0])
             v = value_at(rows, ROW, r, q(col))
-            n = len([t for t in v.split(f.separator) if t])
+            n = len(parse_tokens(v, f.separator))
             raise SchemaError(
                 f"multi_hot field {f.name!r}: {self._where(r)} has {n} ids, more than max_len={f.max_len}"
             )
         if f.hash_buckets > 0:
             vocab: list[str] = []
-            size = f.hash_buckets + 1
-            lookup = {t: 1 + stable_hash(f"{f.name}\0{t}") % f.hash_buckets for toks in lists for t in toks}
+            size, index = f.hash_buckets + 1, None
         else:
-            vocab = sorted({t for toks, tr in zip(lists, in_train, strict=True) if tr for t in toks})
-            size = len(vocab) + 1
-            known = {t: k + 1 for k, t in enumerate(vocab)}
-            lookup = {t: known.get(t, OOV_ID) for toks in lists for t in toks}
-        table = np.full((len(raw), width), MULTI_HOT_PAD, dtype=np.int64)
-        for u, toks in enumerate(lists):
-            table[u, : len(toks)] = [lookup[t] for t in toks]
+            vocab = fit_vocabulary(t for toks, tr in zip(lists, in_train, strict=True) if tr for t in toks)
+            size, index = len(vocab) + 1, vocab_index(vocab)
+        table = token_ids(f, lists, index, width)
         codes = self._frame(
             pa.table({col: pa.array(raw, pa.string()), **{f"m{i}_{j}": table[:, j] for j in range(width)}})
         )
@@ -527,8 +526,7 @@ class SparkPlanner:
         return PlanResult(
             parts_dir=out_dir,
             partitions=parts,
-            schema=s.with_vocab_sizes(sizes),
-            vocabs=vocabs,
+            encoder=FeatureEncoder(s.with_vocab_sizes(sizes), vocabs, threshold, cfg.item_key, "build"),
             stats=stats,
             columns=columns,
         )

@@ -274,8 +274,9 @@ def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema
             raise SchemaError(
                 f"{f}: {what} {col!r} is NaN at row {r} (task {key}={task_at(r)!r}); expected a number"
             )
-    if hits.get("time") is not None:
-        r = hits["time"]
+    r = hits.get("time")
+    if r is not None:
+        assert schema.time is not None  # the time check exists only for a time column
         raise SchemaError(
             f"{f}: time column {schema.time!r} at row {r} (task {key}={task_at(r)!r}) is missing or not "
             f"numeric/datetime (has {value_at(raw, row_column, r, q(schema.time))!r}); {TIME_FORMATS}"
@@ -290,6 +291,7 @@ def _scan_tabular(spark: Any, source: Any, row_column: str) -> tuple[Any, Schema
         select.append(f"COALESCE({text}, '') AS {q(x.name)}")
     select += [f"CAST(try_cast({q(c)} AS DOUBLE) AS FLOAT) AS {q(c)}" for c in numeric]
     if seconds is not None:
+        assert schema.time is not None  # seconds is computed only for a time column
         select.append(f"{seconds} AS {q(schema.time)}")
     log.info("%s: scanned by Spark", f)
     return raw.selectExpr(*dict.fromkeys(select)), schema
