@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXPERIMENT ?= movielens_maml
 ARGS ?=
 
-.PHONY: setup data train eval test test-all test-slurm lint bench clean-data
+.PHONY: setup data train eval test test-slow test-all test-slurm lint typecheck check bench clean-data
 
 setup: $(STAMP)
 
@@ -31,10 +31,17 @@ train: data
 eval: setup
 	$(PY) eval.py $(ARGS)
 
+# Tests. `test` is the fast suite (under 5 minutes on 2 cores): every test not marked `slow` (a
+# faster test covers the same behaviour) or `slurm`. `test-slow` is its complement without the
+# SLURM jobs, so `test` + `test-slow` run every test once; .ci/run does that instead of `test-all`,
+# which would run the fast suite a second time. `test-all` runs everything in one go (the `slurm`
+# tests only where a SLURM controller answers, else they are skipped; `test-slurm` starts one).
 test: setup
 	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
 
-# everything; the `slurm` tests run only where a SLURM controller answers (else they are skipped)
+test-slow: setup
+	$(PY) -m pytest -q -m "slow and not slurm" $(ARGS)
+
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)
 
@@ -56,6 +63,13 @@ bench: setup
 lint: setup
 	$(PY) -m ruff check src tests scripts train.py eval.py
 	$(PY) -m ruff format --check src tests scripts train.py eval.py
+
+# mypy over src/ (settings: [tool.mypy] in pyproject.toml; the same check as the pre-commit hook)
+typecheck: setup
+	$(PY) -m mypy
+
+# what a commit should pass before the tests: lint + types
+check: lint typecheck
 
 clean-data:
 	rm -rf data/movielens1m/shards data/synthetic

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, ModelSummary, ProgressBar
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from gmeta.data.datamodule import TaskDataModule
 from gmeta.data.schema import SchemaError
 from gmeta.errors import ConfigError, InputFileError
 from gmeta.meta.module import MetaDLRMModule
@@ -59,14 +61,14 @@ def save_run_info(cfg: DictConfig, output_dir: Path) -> None:
     (output_dir / "git_commit.txt").write_text(info)
 
 
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+def build_datamodule(cfg: DictConfig) -> TaskDataModule:
     """Instantiate the DataModule and make sure its shards exist (building them if needed).
 
     Runs before the Trainer (the model's tables need the vocabulary sizes), so under torchrun/srun,
     where every rank starts at once, only global rank 0 (from the launcher's environment) builds;
     the others wait for its shards.
     """
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule: TaskDataModule = instantiate(cfg.data, _convert_="all")  # every conf/data targets it
     if is_global_rank_zero():
         datamodule.prepare_data()
     else:
@@ -75,8 +77,62 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     return datamodule
 
 
+def check_trainer_config(trainer: DictConfig) -> None:
+    """Refuse the Trainer arguments this module and data stream cannot honour, naming the key.
+
+    ``MetaDLRMModule`` steps its optimizers itself (dense Adam + row-wise embedding updates);
+    Lightning clips and accumulates gradients only under automatic optimization, and takes no
+    fraction of an epoch from an ``IterableDataset``: it would refuse these at the start of ``fit``
+    with a traceback.
+    """
+    clip = trainer.get("gradient_clip_val")
+    if clip is not None and clip > 0:
+        raise ConfigError(
+            f"trainer.gradient_clip_val={clip}: gradient clipping is not supported (the meta-learning "
+            "module uses manual optimization, which Lightning does not clip); leave it null"
+        )
+    # the task stream is an IterableDataset: Lightning takes a batch count, not a fraction of an epoch
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval"):
+        value = trainer.get(key)
+        if isinstance(value, float) and value not in (0.0, 1.0):
+            raise ConfigError(
+                f"trainer.{key}={value}: the task stream has no length Lightning can take a fraction of; "
+                "give a number of meta-batches (an int, e.g. 20), 0.0 or 1.0"
+                + (", or a time such as 00:00:10:00" if key == "val_check_interval" else "")
+            )
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate != 1:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate}: gradient accumulation is not supported (the "
+            "meta-learning module uses manual optimization); use a larger meta-batch "
+            "(data.batch_tasks) instead, or leave it 1"
+        )
+
+
+def _switched_off(trainer: DictConfig, callbacks: list[Callback]) -> list[Callback]:
+    """Drop the callbacks a Trainer flag turns off: Lightning refuses ``enable_progress_bar=False`` or
+    ``enable_checkpointing=False`` next to such a callback, and ignores ``enable_model_summary=False``
+    when one is listed (as conf/callbacks/default.yaml does)."""
+    off: tuple[type[Callback], ...] = tuple(
+        kind
+        for flag, kind in (
+            ("enable_progress_bar", ProgressBar),
+            ("enable_model_summary", ModelSummary),
+            ("enable_checkpointing", Checkpoint),
+        )
+        if trainer.get(flag) is False
+    )
+    return [c for c in callbacks if not isinstance(c, off)] if off else callbacks
+
+
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    callbacks: list[Callback] = _instantiate_group(cfg.get("callbacks"))
+    """The Trainer of ``cfg.trainer`` with the run's callbacks, loggers and checkpoint plugin.
+
+    A Trainer argument Lightning refuses as it is built (``precision=fp8``, ``limit_train_batches=1.5``,
+    ``profiler=fancy``) is a ``ConfigError`` carrying Lightning's message.
+    """
+    check_trainer_config(cfg.trainer)
+    callbacks: list[Callback] = _switched_off(cfg.trainer, _instantiate_group(cfg.get("callbacks")))
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
     extra: dict[str, Any] = {}
     if cfg.get("checkpoint_io") is not None:  # atomic checkpoint files (gmeta.checkpoint_io)
@@ -87,7 +143,12 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
         if getattr(strategy, "_checkpoint_io", None) is None:
             plugins = [instantiate(p) for p in cfg.trainer.get("plugins") or []]
             extra["plugins"] = [*plugins, instantiate(cfg.checkpoint_io)]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    try:
+        return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, (MisconfigurationException, ValueError)):
+            raise ConfigError(f"trainer: {e.__cause__}") from e
+        raise
 
 
 def _report(model: MetaDLRMModule, trainer: L.Trainer, output_dir: Path, title: str) -> list[dict]:
@@ -130,6 +191,7 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if is_global_rank_zero():  # every rank of a run shares the folder
         save_run_info(cfg, output_dir)
     datamodule = build_datamodule(cfg)
+    assert datamodule.schema is not None  # set by setup("fit") in build_datamodule
     model: MetaDLRMModule = instantiate(
         cfg.model,
         schema=datamodule.schema.to_dict(),
@@ -142,7 +204,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
     if cfg.get("test", True):
-        best = next((c.best_model_path for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), "")
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning's CallbackConnector, untyped
+        best = next((c.best_model_path for c in callbacks if isinstance(c, ModelCheckpoint)), "")
         if not best:
             log.info("no best checkpoint (checkpointing off or fast_dev_run): testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
@@ -201,6 +264,7 @@ def _evaluate(cfg: DictConfig) -> list[dict[str, Any]]:
     # ckpt_path); on one process it is read whole.
     per_rank = is_sharded_checkpoint(ckpt) and trainer.world_size > 1
     model, _ = load_lightning_module(MetaDLRMModule, ckpt, rows=not per_rank)
+    assert datamodule.schema is not None  # set by setup("fit") in build_datamodule
     if model.schema.to_dict()["fields"] != datamodule.schema.to_dict()["fields"]:
         raise SchemaError(
             f"checkpoint {ckpt} was trained on a different schema than the shards in {datamodule.data_dir}: "

@@ -6,21 +6,27 @@ points ``PROJECT_ROOT`` at an empty temporary folder and checks that it stays em
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 from pathlib import Path
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gmeta.app import build_trainer
 from gmeta.data.datamodule import TaskDataModule
 from gmeta.data.schema import FieldSpec, Schema
 from gmeta.data.sources.movielens import MovieLensSource
 from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.tasks import TaskConfig
-from gmeta.meta.inner import META_ALGORITHMS, MetaConfig, make_meta_config
+from gmeta.errors import ConfigError
+from gmeta.meta.config import ALGORITHMS, META_ALGORITHMS, MetaConfig
 from gmeta.meta.module import EVAL_MODES, MetaDLRMModule
 from gmeta.parallel import HybridParallelStrategy
 
@@ -94,7 +100,7 @@ def test_train_defaults(tmp_path) -> None:
     assert cfg.task_name == "train" and cfg.train is True and cfg.test is True and cfg.ckpt_path is None
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
     assert cfg.trainer.inference_mode is False  # the evaluation inner loop needs autograd
-    assert "fast_dev_run" not in cfg.trainer
+    assert cfg.trainer.fast_dev_run is False
     assert set(cfg.logger) == {"csv", "tensorboard"}
     assert set(cfg.callbacks) == {
         "model_checkpoint",
@@ -133,18 +139,19 @@ def test_meta_options(name: str, tmp_path) -> None:
         "adapt_embeddings",
         "first_order",
         "support_loss_weight",
-        "implementation",
+        "backend",
     }
-    assert meta["implementation"] == "fast"  # the vmap path is the reference for tests
+    assert meta["backend"] == "fast"
     assert meta["support_loss_weight"] == 0.0  # pure MAML unless an experiment asks for more
-    assert meta["first_order"] is (name == "fomaml")
-    assert meta["adapt_groups"] == (["top"] if name == "anil" else ["bottom", "top"])
+    # the settings that define an algorithm come from one place (gmeta.meta.config.ALGORITHMS)
+    assert meta["first_order"] is None and meta["adapt_groups"] is None
     assert (meta["inner_steps"], meta["inner_lr"], meta["adapt_embeddings"]) == (1, 0.1, False)
     built = MetaConfig(**meta)
+    assert built.first_order is (name == "fomaml")
+    assert built.adapt_groups == ALGORITHMS[name].adapt_groups
     assert built.name in META_ALGORITHMS
-    assert built.adapt_groups == tuple(meta["adapt_groups"])
     # the yaml option encodes the same algorithm as the Python per-name defaults
-    assert built == make_meta_config(name, inner_steps=1, inner_lr=0.1)
+    assert built == MetaConfig(name, inner_steps=1, inner_lr=0.1)
     resolve_all(cfg, tmp_path)
 
 
@@ -256,8 +263,93 @@ def test_debug_default() -> None:
     assert cfg.trainer.max_epochs == 1
     limits = [cfg.trainer[f"limit_{split}_batches"] for split in ("train", "val", "test")]
     assert limits == [5, 2, 2]
-    assert "fast_dev_run" not in cfg.trainer
+    assert cfg.trainer.fast_dev_run is False
     assert cfg.logger == base.logger
+
+
+# -- trainer ----------------------------------------------------------------------------------------
+
+
+def trainer_of(cfg: DictConfig, output_dir: Path) -> L.Trainer:
+    """``build_trainer`` as train.py calls it, with the run's folder at ``output_dir``."""
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    return build_trainer(cfg)
+
+
+def test_trainer_keys_are_trainer_arguments() -> None:
+    """A misspelt key would reach Lightning only as an instantiate error at run time."""
+    keys = set(train_cfg().trainer) - {"_target_"}
+    assert keys <= set(inspect.signature(L.Trainer.__init__).parameters), keys
+
+
+def test_trainer_arguments_override_without_plus_and_reach_the_trainer(tmp_path) -> None:
+    cfg = train_cfg(
+        "logger=csv",
+        "trainer.max_steps=7",
+        "trainer.min_steps=2",
+        "trainer.max_epochs=3",
+        "trainer.min_epochs=2",
+        "trainer.max_time=00:01:00:00",
+        "trainer.limit_train_batches=5",
+        "trainer.limit_val_batches=3",
+        "trainer.limit_test_batches=0",
+        "trainer.val_check_interval=4",
+        "trainer.check_val_every_n_epoch=null",
+        "trainer.num_sanity_val_steps=1",
+        "trainer.log_every_n_steps=3",
+        "trainer.precision=bf16-mixed",
+        "trainer.gradient_clip_val=null",
+        "trainer.accumulate_grad_batches=1",
+        "trainer.benchmark=false",
+        "trainer.detect_anomaly=true",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "trainer.enable_checkpointing=false",
+        "trainer.profiler=simple",
+    )
+    t = trainer_of(cfg, tmp_path / "run")
+    assert (t.max_steps, t.min_steps, t.max_epochs, t.min_epochs) == (7, 2, 3, 2)
+    timer = next(c for c in t.callbacks if type(c).__name__ == "Timer")
+    assert timer._duration == 3600
+    assert (t.limit_train_batches, t.limit_val_batches, t.limit_test_batches) == (5, 3, 0)
+    assert (t.val_check_interval, t.check_val_every_n_epoch) == (4, None)
+    assert (t.num_sanity_val_steps, t.log_every_n_steps) == (1, 3)
+    assert t.precision == "bf16-mixed" and t.accumulate_grad_batches == 1 and t.gradient_clip_val is None
+    assert t._detect_anomaly is True and type(t.profiler).__name__ == "SimpleProfiler"
+    # the switched-off callbacks of conf/callbacks/default.yaml are left out, not refused by Lightning
+    assert t.progress_bar_callback is None and not t.checkpoint_callbacks
+    assert not [c for c in t.callbacks if "ModelSummary" in type(c).__name__]
+    assert t.default_root_dir == str(tmp_path / "run")
+
+    t = trainer_of(train_cfg("trainer.fast_dev_run=2"), tmp_path / "fdr")
+    assert t.fast_dev_run == 2 and t.limit_train_batches == 2 and t.max_steps == 2
+    t = trainer_of(train_cfg(), tmp_path / "defaults")  # every callback of the default config kept
+    assert t.progress_bar_callback is not None and len(t.checkpoint_callbacks) == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.gradient_clip_val=0.5", "trainer.gradient_clip_val=0.5: gradient clipping is not"),
+        ("trainer.accumulate_grad_batches=4", "trainer.accumulate_grad_batches=4: gradient accumulation"),
+        ("trainer.limit_train_batches=0.5", "trainer.limit_train_batches=0.5: the task stream has no length"),
+        ("trainer.limit_test_batches=0.1", "trainer.limit_test_batches=0.1: the task stream has no length"),
+        ("trainer.val_check_interval=0.25", "trainer.val_check_interval=0.25: the task stream has no length"),
+        ("trainer.precision=fp8", "trainer: Precision 'fp8' is invalid"),  # Lightning's own check
+        ("trainer.profiler=fancy", "trainer: When passing string value for the `profiler`"),
+    ],
+)
+def test_trainer_arguments_this_module_cannot_honour_are_config_errors(tmp_path, override, message) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        trainer_of(train_cfg(override), tmp_path)
+
+
+def test_trainer_arguments_not_listed_still_need_plus(tmp_path) -> None:
+    with pytest.raises(ConfigCompositionException, match="overfit_batches"):
+        train_cfg("trainer.overfit_batches=2")
+    assert trainer_of(train_cfg("+trainer.overfit_batches=2"), tmp_path).overfit_batches == 2
 
 
 def test_callbacks_and_logger_options() -> None:

@@ -87,6 +87,7 @@ def test_one_process_evaluates_the_two_rank_checkpoint_to_the_same_metrics(ddp_r
         assert single[key]["tasks"] == r["tasks"]
 
 
+@pytest.mark.slow  # ~14 s: a 1-process train.py; tests/distributed checks 2 ranks == 1 (fast, float64)
 def test_two_processes_reach_the_one_process_metrics(ddp_run: dict) -> None:
     """Same seed, same meta-batches (rank_split=batches): the runs differ only by float summation order."""
     tmp = ddp_run["tmp"]

@@ -1,4 +1,4 @@
-"""eval.py's report: Markdown + PNG plots + AUC vs support size, on a tiny synthetic run."""
+"""eval.py's report: Markdown + PNG plots + AUC vs support size, on the shared synthetic run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from entry_points import run_entry_point
 
 from gmeta.data.batch import SetBatch, TaskBatch, truncate_support
 from gmeta.data.schema import STATES
@@ -17,21 +16,9 @@ SIZES = ("1", "3", "5", "10", "all")
 
 
 @pytest.fixture(scope="module")
-def eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("eval_report")
-    run = tmp / "run"
-    run_entry_point(
-        "train.py",
-        "+experiment=synthetic_maml",
-        "trainer.max_epochs=2",
-        f"hydra.run.dir={run}",
-        tmp=tmp,
-    )
-    out = tmp / "eval"
-    run_entry_point(
-        "eval.py", "data=synthetic", f"ckpt_path={run}/checkpoints/last.ckpt", f"hydra.run.dir={out}", tmp=tmp
-    )
-    return out
+def eval_dir(evaluated_run: Path) -> Path:
+    """eval.py's output folder on the shared run's best checkpoint (tests/integration/conftest.py)."""
+    return evaluated_run
 
 
 def test_report_and_pngs_exist(eval_dir: Path) -> None:
