@@ -71,12 +71,14 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0 and not at_epoch_end(trainer) and not trainer.fast_dev_run:
+        # Trainer.fast_dev_run is set outside the class (trainer/setup.py), so Lightning does not type it
+        fast_dev_run = trainer.fast_dev_run  # type: ignore[attr-defined]
+        if n and trainer.global_step % n == 0 and not at_epoch_end(trainer) and not fast_dev_run:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after the epoch's validation (it runs inside the epoch loop) and the monitored save
-        if not trainer.fast_dev_run:
+        if not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set outside Trainer: untyped
             self.save(trainer)
 
 

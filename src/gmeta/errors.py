@@ -92,11 +92,19 @@ def find_user_error(exc: BaseException) -> BaseException | None:
     ``data.verify=bogus``), while one raised inside a library stays a bug. A plain
     ``FileNotFoundError`` counts as a user error: it names a path the user gave.
     """
-    expected = (UserError, FileNotFoundError, *_config_error_types(), *_hydra_error_types())
+    expected: tuple[type[BaseException], ...] = (
+        UserError,
+        FileNotFoundError,
+        *_config_error_types(),
+        *_hydra_error_types(),
+    )
+    wrappers: tuple[type[BaseException], ...] = ()  # isinstance of an empty tuple is always False
     try:
         from hydra.errors import InstantiationException
+
+        wrappers = (InstantiationException,)
     except ImportError:  # pragma: no cover
-        InstantiationException = ()  # noqa: N806
+        pass
     seen: set[int] = set()
     building = False  # below an InstantiationException: an object was being built from the config
     e: BaseException | None = exc
@@ -104,7 +112,7 @@ def find_user_error(exc: BaseException) -> BaseException | None:
         seen.add(id(e))
         if isinstance(e, expected) or _is_bad_arguments(e) or (building and _is_argument_check(e)):
             return e
-        building = building or isinstance(e, InstantiationException)
+        building = building or isinstance(e, wrappers)
         e = e.__cause__
     return None
 
@@ -116,8 +124,9 @@ def user_message(exc: BaseException) -> str:
     worker's traceback in its text; keep only the final ``Type: message`` part of it.
     """
     text = str(exc)
-    if exc.__class__.__name__ == "FileNotFoundError" and getattr(exc, "filename", None):
-        text = f"{exc.filename}: {exc.strerror or 'no such file or directory'}"
+    filename = getattr(exc, "filename", None)
+    if exc.__class__.__name__ == "FileNotFoundError" and filename:
+        text = f"{filename}: {getattr(exc, 'strerror', None) or 'no such file or directory'}"
     if "Original Traceback" in text:
         last = [line for line in text.strip().splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last

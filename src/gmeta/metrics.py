@@ -41,6 +41,13 @@ class ColdStartMetrics(Metric):
     """Accumulates query predictions of evaluated tasks and reports metrics per cold-start state."""
 
     full_state_update = False
+    # "cat" list states (as torchmetrics declares them); only while synced in ``compute`` does
+    # torchmetrics replace each list by one concatenated tensor, hence the ``cat`` helper there
+    scores: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    sample_state: list[torch.Tensor]
+    task_auc: list[torch.Tensor]
+    task_state: list[torch.Tensor]
 
     def __init__(self) -> None:
         super().__init__()

@@ -30,7 +30,8 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     for metrics in sorted(sweep_dir.glob(f"*/{METRICS_FILENAME}"), key=lambda p: p.parent.name):
         job = metrics.parent
         overrides_file = job / ".hydra" / "overrides.yaml"
-        overrides = OmegaConf.load(overrides_file) if overrides_file.is_file() else []
+        # Hydra writes the job's command-line overrides as a YAML list of strings
+        overrides: list[str] = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
         for r in json.loads(metrics.read_text()):
             rows.append({"job": job.name, "overrides": " ".join(overrides), **r})
     return rows

@@ -255,7 +255,7 @@ def verify_full(manifest: Manifest) -> None:
                 raise ShardError(
                     f"shard {url}: sha256 mismatch with {manifest_location(manifest)} (corrupt or replaced)"
                 )
-            found = len(_scan_tar(data, url)[0])  # type: ignore[arg-type]
+            found = len(_scan_tar(data, url)[0])
             if found != s["tasks"]:
                 raise ShardError(f"shard {url}: holds {found} tasks, manifest says {s['tasks']}")
 

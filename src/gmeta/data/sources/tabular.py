@@ -386,11 +386,11 @@ class TabularSource:
             sep = "\t" if suffix == ".tsv" else ","
             # the header line names the columns (as pandas reads it), every value is text; no sniffing,
             # so a row with more or fewer fields is an error, not a guess at another header
-            columns = ", ".join(f"{lit(name)}: 'VARCHAR'" for name in csv_header(f, sep))
+            column_types = ", ".join(f"{lit(name)}: 'VARCHAR'" for name in csv_header(f, sep))
             con.execute(
                 f"CREATE VIEW src_raw AS SELECT *, row_number() OVER () - 1 AS {q(row_column)} "
                 f"FROM read_csv({lit(str(f))}, delim = {lit(sep)}, header = true, auto_detect = false, "
-                f"quote = '\"', escape = '\"', columns = {{{columns}}})"
+                f"quote = '\"', escape = '\"', columns = {{{column_types}}})"
             )
         else:
             raise SchemaError(f"{f}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
@@ -412,8 +412,8 @@ class TabularSource:
             )
         key, row = schema.task_key, q(row_column)
 
-        def first(condition: str) -> tuple[int, Any, Any] | None:
-            """(row, task key value, value) of the first row where ``condition`` holds."""
+        def first(condition: str) -> tuple[int, Any] | None:
+            """(row, task key value) of the first row where ``condition`` holds."""
             hit = con.execute(
                 f"SELECT {row}, CAST({q(key)} AS VARCHAR) FROM src_raw WHERE {condition} ORDER BY {row} LIMIT 1"
             ).fetchall()
