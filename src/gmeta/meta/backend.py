@@ -9,14 +9,15 @@ the backends differ only in how they compute the same numbers.
 from __future__ import annotations
 
 import enum
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
 
 from torch import Tensor
 
 from gmeta.data.batch import SetBatch, TaskBatch
 from gmeta.meta.config import MetaConfig
+from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 
 
@@ -75,21 +76,34 @@ class AdaptedLogits:
     support: Tensor | None
 
 
-class MetaBackend(Protocol):
-    """How logits are computed; ``params`` maps dense parameter names to (attached) tensors."""
+class MetaBackend(ABC):
+    """How logits are computed; ``params`` maps dense parameter names to (attached) tensors.
 
+    Args:
+        model: the towers, with a functional ``forward_with(params, emb, dense)``.
+        inner: the inner loop's settings.
+    """
+
+    def __init__(self, model: DLRM, inner: InnerLoop) -> None:
+        self.model = model
+        self.inner = inner
+
+    @abstractmethod
     def shared_logits(
         self, params: Mapping[str, Tensor], rows: Tensor, idx: LocalIndex, s: SetBatch
     ) -> Tensor:
         """(T, N) logits of one set at the shared weights."""
-        ...
 
     def plain_logits(
         self, params: Mapping[str, Tensor], rows: Tensor, lookup: EmbeddingLookup, batch: TaskBatch
     ) -> tuple[Tensor, Tensor]:
         """(T, S) support and (T, Q) query logits at the shared weights (plain training)."""
-        ...
+        return (
+            self.shared_logits(params, rows, lookup.support, batch.support),
+            self.shared_logits(params, rows, lookup.query, batch.query),
+        )
 
+    @abstractmethod
     def adapted_logits(
         self,
         params: Mapping[str, Tensor],
@@ -100,4 +114,3 @@ class MetaBackend(Protocol):
         support_grad: bool = False,
     ) -> AdaptedLogits:
         """The inner loop on each task's support set, then its query logits at the adapted weights."""
-        ...

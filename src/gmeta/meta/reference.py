@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gmeta.data.batch import SetBatch, TaskBatch
-from gmeta.meta.backend import AdaptedLogits, InnerLoop, Pass
+from gmeta.meta.backend import AdaptedLogits, MetaBackend, Pass
 from gmeta.meta.config import adapted_names
-from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 from gmeta.model.gather import SetIndex, gather, set_index
 
@@ -24,12 +23,8 @@ from gmeta.model.gather import SetIndex, gather, set_index
 _TaskSet = tuple[SetIndex, Tensor, Tensor]
 
 
-class ReferenceBackend:
+class ReferenceBackend(MetaBackend):
     """``MetaBackend`` looping over tasks; any model with ``forward_with(params, emb, dense)``."""
-
-    def __init__(self, model: DLRM, inner: InnerLoop) -> None:
-        self.model = model
-        self.inner = inner
 
     @staticmethod
     def _task_set(idx: LocalIndex, s: SetBatch, t: int, dtype: torch.dtype) -> _TaskSet:
@@ -63,14 +58,6 @@ class ReferenceBackend:
         tasks = range(s.mask.shape[0])
         per = {t: self._logits(params, rows, self._task_set(idx, s, t, rows.dtype)) for t in tasks}
         return self._padded(per, s, rows)
-
-    def plain_logits(
-        self, params: Mapping[str, Tensor], rows: Tensor, lookup: EmbeddingLookup, batch: TaskBatch
-    ) -> tuple[Tensor, Tensor]:
-        return (
-            self.shared_logits(params, rows, lookup.support, batch.support),
-            self.shared_logits(params, rows, lookup.query, batch.query),
-        )
 
     def adapted_logits(
         self,

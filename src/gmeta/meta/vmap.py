@@ -19,20 +19,15 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from gmeta.data.batch import SetBatch, TaskBatch
-from gmeta.meta.backend import AdaptedLogits, InnerLoop, Pass
+from gmeta.meta.backend import AdaptedLogits, MetaBackend, Pass
 from gmeta.meta.config import adapted_names
 from gmeta.meta.losses import masked_bce
-from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 from gmeta.model.gather import SetIndex, gather, set_index
 
 
-class VmapBackend:
+class VmapBackend(MetaBackend):
     """``MetaBackend`` with ``torch.func``; ``model.forward_with(params, emb, dense)`` is the model."""
-
-    def __init__(self, model: DLRM, inner: InnerLoop) -> None:
-        self.model = model
-        self.inner = inner
 
     def shared_logits(
         self, params: Mapping[str, Tensor], rows: Tensor, idx: LocalIndex, s: SetBatch
@@ -40,14 +35,6 @@ class VmapBackend:
         # no task dim in the weights: one batched forward, no vmap needed
         emb = gather(rows, set_index(idx, rows.dtype))  # (T, N, F, d)
         return self.model.forward_with(params, emb, s.dense.to(rows.dtype))
-
-    def plain_logits(
-        self, params: Mapping[str, Tensor], rows: Tensor, lookup: EmbeddingLookup, batch: TaskBatch
-    ) -> tuple[Tensor, Tensor]:
-        return (
-            self.shared_logits(params, rows, lookup.support, batch.support),
-            self.shared_logits(params, rows, lookup.query, batch.query),
-        )
 
     def adapted_logits(
         self,

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from gmeta.data.batch import SetBatch, TaskBatch
-from gmeta.meta.backend import AdaptedLogits, InnerLoop, Pass
+from gmeta.meta.backend import AdaptedLogits, InnerLoop, MetaBackend, Pass
 from gmeta.meta.fast.step import plain_logits, run_meta, shared_logits
 from gmeta.meta.fast.towers import Towers, towers_of
+from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 
 __all__ = ["FastBackend", "supports"]
@@ -45,16 +46,15 @@ def supports(model: nn.Module) -> bool:
     return towers_of(model, {}, ()) is not None
 
 
-class FastBackend:
+class FastBackend(MetaBackend):
     """``MetaBackend`` computing with ``gmeta.meta.fast``; build it for a model ``supports`` accepts."""
 
-    def __init__(self, model: nn.Module, inner: InnerLoop) -> None:
+    def __init__(self, model: DLRM, inner: InnerLoop) -> None:
         if not supports(model):
             raise ValueError(
                 f"the fast backend does not support {type(model).__name__}; use the vmap backend"
             )
-        self.model = model
-        self.inner = inner
+        super().__init__(model, inner)
 
     def _towers(self, params: Mapping[str, Tensor]) -> Towers:
         towers = towers_of(self.model, params, self.inner.groups)
