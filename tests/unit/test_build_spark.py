@@ -286,7 +286,8 @@ def test_spark_label_errors_like_duckdb(spark, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ms", "us", "ns", "tz", "float", "iso_text"])
+# "us" would take the "ms" path (a timestamp cast); "ns" is the one integer unit read differently
+@pytest.mark.parametrize("kind", ["ms", "ns", "tz", "float", "iso_text"])
 def test_spark_reads_time_columns_like_duckdb(spark, tmp_path, ml_table, kind):
     df = ml_table[0][["user_id", "item_id", "gender", "genre", "year_norm", "rating", "timestamp"]]
     (tmp_path / "schema.yaml").write_text(SCHEMA)
