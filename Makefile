@@ -36,11 +36,12 @@ eval: setup
 # SLURM jobs, so `test` + `test-slow` run every test once; .ci/run does that instead of `test-all`,
 # which would run the fast suite a second time. `test-all` runs everything in one go (the `slurm`
 # tests only where a SLURM controller answers, else they are skipped; `test-slurm` starts one).
+# --durations: the slowest tests of every run are in the log, for keeping within the time budgets
 test: setup
-	$(PY) -m pytest -q -m "not slow and not slurm" $(ARGS)
+	$(PY) -m pytest -q -m "not slow and not slurm" --durations=10 $(ARGS)
 
 test-slow: setup
-	$(PY) -m pytest -q -m "slow and not slurm" $(ARGS)
+	$(PY) -m pytest -q -m "slow and not slurm" --durations=10 $(ARGS)
 
 test-all: setup
 	$(PY) -m pytest -q $(ARGS)

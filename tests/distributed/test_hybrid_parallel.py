@@ -108,7 +108,7 @@ def test_one_meta_step_makes_exactly_the_documented_collectives(tmp_path, inner_
 # -- checkpoints: written by 2 ranks, resumed on 1 and on 4 ---------------------------------------
 
 
-@pytest.mark.slow  # ~22 s; the sharded-checkpoint resharding test (fast) covers N -> M
+@pytest.mark.slow  # ~35 s; unit/test_sharded_embedding.py loads a full checkpoint on any world size, fast
 def test_checkpoint_from_two_ranks_resumes_on_one_and_four(tmp_path):
     ckpt = tmp_path / "step5.ckpt"
     base = {"scenario": "train", "algos": ["maml"]}
@@ -157,9 +157,10 @@ def _saved_rows(ckpt: Path) -> dict[str, list[int]]:
     return rows
 
 
-@pytest.mark.parametrize(
-    ("saved_on", "resumed_on"), [(2, (1, 4)), pytest.param(4, (2,), marks=pytest.mark.slow)]
-)
+# slow: 30 s of subprocesses (the fast suite's 5-minute budget). A 4 -> 2 case added little over
+# 2 -> 1 and 2 -> 4 and was dropped for the CI budget.
+@pytest.mark.slow
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, (1, 4))])
 def test_sharded_checkpoint_resumes_on_other_world_sizes_exactly(tmp_path, saved_on, resumed_on):
     """N ranks save (each its rows); M ranks load (each reads only its rows): the next step, the
     adapted predictions and every row after it equal continuing on N (float64, 1e-10)."""
