@@ -133,6 +133,8 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     """
     check_trainer_config(cfg.trainer)
     callbacks: list[Callback] = _switched_off(cfg.trainer, _instantiate_group(cfg.get("callbacks")))
+    if cfg.get("adaptation") is not None:  # which inner loop evaluation adapts with (gmeta.meta.adaptation)
+        callbacks.append(instantiate(cfg.adaptation, _convert_="all"))
     loggers: list[Logger] = _instantiate_group(cfg.get("logger"))
     extra: dict[str, Any] = {}
     if cfg.get("checkpoint_io") is not None:  # atomic checkpoint files (gmeta.checkpoint_io)

@@ -86,10 +86,10 @@ def support_size_metrics(
     try:
         for batch in batches:
             batch = batch.to(device)
-            lookup = model.embedding.lookup(batch)  # ids do not depend on the mask: one lookup
             for k in sizes:
-                b = truncate_support(batch, k)
-                logits = model.learner.predict(b, lookup, adapted=True)
+                # compact: the inner loop runs over k support columns (so the view has its own lookup)
+                b = truncate_support(batch, k, compact=True)
+                logits = model.learner.predict(b, model.embedding.lookup(b), adapted=True)
                 q = b.query
                 metrics[k].update(logits, q.label, q.mask, b.state, b.task_mask)
                 per_task = (b.support.mask & b.task_mask[:, None]).sum(1).cpu()

@@ -30,6 +30,13 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
         "train.py",
         "+experiment=synthetic_maml",
         f"trainer.max_epochs={EPOCHS}",
+        # the adaptation schedule is chosen on validation (a small grid: it runs in every session)
+        # and stored in the best checkpoint, which eval.py and serving then adapt with
+        "adaptation=auto",
+        "adaptation.support_sizes=[1,5]",
+        "adaptation.steps=[1]",
+        "adaptation.lrs=[0.1,1.0]",
+        "adaptation.groups=[[bottom,top]]",
         f"hydra.run.dir={run_dir}",
         tmp=tmp,
     )

@@ -140,6 +140,8 @@ def test_meta_options(name: str, tmp_path) -> None:
         "first_order",
         "support_loss_weight",
         "backend",
+        "episode_support_sizes",
+        "episode_rate",
     }
     assert meta["backend"] == "fast"
     assert meta["support_loss_weight"] == 0.0  # pure MAML unless an experiment asks for more

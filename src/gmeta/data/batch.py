@@ -364,13 +364,17 @@ def pad_tasks(batch: TaskBatch, num_tasks: int) -> TaskBatch:
     )
 
 
-def truncate_support(batch: TaskBatch, k: int | None) -> TaskBatch:
+def truncate_support(batch: TaskBatch, k: int | None, compact: bool = False) -> TaskBatch:
     """A copy of ``batch`` whose support sets keep only the first ``k`` real samples of each task.
 
     Samples are stored in time order, so "first k" is what a new user with k interactions has:
     their earliest ones. Only ``support.mask`` changes (a new tensor); tasks with fewer than ``k``
     real samples keep all of theirs, the query set and all other tensors are shared, unchanged, and
     the input is not mutated. ``k=None`` returns ``batch`` itself (the whole support set).
+
+    ``compact``: also cut the support tensors after the last column any task keeps (the inner loop
+    then runs over k columns instead of the longest task's: evaluating small k becomes cheap). An
+    embedding lookup of ``batch`` indexes its columns, so look the compact batch up again.
     """
     if k is None:
         return batch
@@ -378,4 +382,9 @@ def truncate_support(batch: TaskBatch, k: int | None) -> TaskBatch:
         raise ValueError(f"k must be >= 0 or None, got {k}")
     mask = batch.support.mask
     keep = mask & (torch.cumsum(mask.long(), dim=1) <= k)
-    return replace(batch, support=replace(batch.support, mask=keep))
+    support = replace(batch.support, mask=keep)
+    if compact:
+        kept_columns = keep.any(0).nonzero()
+        width = int(kept_columns.max()) + 1 if len(kept_columns) else 1
+        support = SetBatch(**{f.name: getattr(support, f.name)[:, :width] for f in fields(support)})
+    return replace(batch, support=support)

@@ -92,6 +92,9 @@ class MetaConfig:
             embeddings, while the query term still trains for post-adaptation performance.
         backend: one of ``BACKENDS``. ``fast`` falls back to ``vmap`` for a model structure it does not
             know (``gmeta.meta.fast.towers_of`` says which); all compute the same numbers.
+        episode_support_sizes / episode_rate: meta algorithms only: k-shot episodes. In training, an
+            ``episode_rate`` share of the tasks keeps only its first k support samples, k drawn from
+            ``episode_support_sizes`` (the sizes met at evaluation; ``gmeta.meta.episodes``).
     """
 
     name: str = "maml"
@@ -102,6 +105,8 @@ class MetaConfig:
     first_order: bool | None = None
     support_loss_weight: float = 0.0
     backend: str = "fast"
+    episode_support_sizes: tuple[int, ...] = ()
+    episode_rate: float = 0.0
 
     def __post_init__(self) -> None:
         algo = ALGORITHMS.get(self.name)
@@ -115,6 +120,16 @@ class MetaConfig:
             raise ConfigError(f"meta.inner_lr must be > 0, got {self.inner_lr}")
         if self.support_loss_weight < 0:
             raise ConfigError(f"meta.support_loss_weight must be >= 0, got {self.support_loss_weight}")
+        if not 0.0 <= self.episode_rate <= 1.0:
+            raise ConfigError(f"meta.episode_rate must be in [0, 1], got {self.episode_rate}")
+        sizes = tuple(int(k) for k in self.episode_support_sizes or ())
+        if any(k < 1 for k in sizes):
+            raise ConfigError(f"meta.episode_support_sizes must be >= 1, got {list(sizes)}")
+        if self.episode_rate > 0 and not sizes:
+            raise ConfigError(
+                "meta.episode_rate > 0 needs meta.episode_support_sizes (e.g. [1, 2, 3, 5, 10])"
+            )
+        object.__setattr__(self, "episode_support_sizes", sizes)
         groups = algo.adapt_groups if self.adapt_groups is None else tuple(self.adapt_groups)
         unknown = sorted(set(groups) - set(PARAM_GROUPS))
         if unknown:
@@ -146,6 +161,11 @@ class MetaConfig:
             raise ConfigError(
                 f"meta.support_loss_weight={self.support_loss_weight} only applies to meta algorithms: "
                 "meta.name=none already trains on every support label"
+            )
+        if not algo.meta and self.episode_rate > 0:
+            raise ConfigError(
+                f"meta.episode_rate={self.episode_rate} only applies to meta algorithms: for meta.name=none "
+                "truncating support sets would only drop training labels"
             )
 
     @property

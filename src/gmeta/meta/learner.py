@@ -26,6 +26,7 @@ from gmeta.meta.backend import InnerLoop, MetaBackend, Pass
 from gmeta.meta.config import MetaConfig
 from gmeta.meta.losses import masked_bce, masked_sample_mean_bce, masked_task_mean
 from gmeta.meta.reference import ReferenceBackend
+from gmeta.meta.schedule import AdaptationSchedule, InnerSetting
 from gmeta.meta.vmap import VmapBackend
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup
@@ -33,9 +34,10 @@ from gmeta.model.embedding import EmbeddingLookup
 log = logging.getLogger(__name__)
 
 
-def make_backend(model: DLRM, cfg: MetaConfig) -> MetaBackend:
-    """The backend ``cfg.backend`` names; ``fast`` falls back to ``vmap`` for a model it does not know."""
-    inner = InnerLoop.of(cfg)
+def make_backend(model: DLRM, cfg: MetaConfig, inner: InnerLoop | None = None) -> MetaBackend:
+    """The backend ``cfg.backend`` names, running ``inner`` (default: the config's inner loop);
+    ``fast`` falls back to ``vmap`` for a model it does not know."""
+    inner = InnerLoop.of(cfg) if inner is None else inner
     if cfg.backend == "fast":
         if fast.supports(model):
             return fast.FastBackend(model, inner)
@@ -60,6 +62,9 @@ class MetaLearner:
         self.model = model
         self.cfg = cfg
         self.backend = make_backend(model, cfg)
+        #: evaluation-time inner loops per support size (``gmeta.meta.schedule``); None: the config's
+        self.schedule: AdaptationSchedule | None = None
+        self._setting_backends: dict[InnerSetting, MetaBackend] = {}
 
     def _params(self) -> dict[str, Tensor]:
         return dict(self.model.named_parameters())
@@ -105,12 +110,53 @@ class MetaLearner:
         """(T, Q) query logits for evaluation (``sigmoid`` for probabilities); no graph is kept.
 
         ``adapted``: first run the inner loop on each task's support set (first order; for ``none``
-        this is fine-tuning with the configured inner loop, the fair comparison); otherwise score the
-        query at the shared weights.
+        this is fine-tuning, the fair comparison); otherwise score the query at the shared weights.
+        The inner loop is the config's, or with a ``schedule`` set (``gmeta.meta.schedule``) the one
+        of the task's support-size bucket.
         """
         params = {k: v.detach() for k, v in self._params().items()}
         rows = lookup.rows.detach()
+        if adapted and self.schedule is not None:
+            return self._predict_scheduled(self.schedule, params, rows, batch, lookup)
         if adapted and self.cfg.adapts:
             return self.backend.adapted_logits(params, rows, lookup, batch, Pass.EVALUATE).query.detach()
         with torch.no_grad():
             return self.backend.shared_logits(params, rows, lookup.query, batch.query)
+
+    def predict_with(self, setting: InnerSetting, batch: TaskBatch, lookup: EmbeddingLookup) -> Tensor:
+        """(T, Q) query logits after the inner loop ``setting`` on every task (no schedule)."""
+        params = {k: v.detach() for k, v in self._params().items()}
+        rows = lookup.rows.detach()
+        if not setting.adapts:
+            with torch.no_grad():
+                return self.backend.shared_logits(params, rows, lookup.query, batch.query)
+        backend = self._backend_for(setting)
+        return backend.adapted_logits(params, rows, lookup, batch, Pass.EVALUATE).query.detach()
+
+    def _backend_for(self, setting: InnerSetting) -> MetaBackend:
+        if setting not in self._setting_backends:
+            inner = InnerLoop(setting.steps, setting.lr, setting.groups, self.cfg.adapt_embeddings)
+            self._setting_backends[setting] = make_backend(self.model, self.cfg, inner)
+        return self._setting_backends[setting]
+
+    def _predict_scheduled(
+        self,
+        schedule: AdaptationSchedule,
+        params: dict[str, Tensor],
+        rows: Tensor,
+        batch: TaskBatch,
+        lookup: EmbeddingLookup,
+    ) -> Tensor:
+        """Each task adapts with its support-size bucket's inner loop. A backend runs whole batches,
+        so each bucket present costs one pass over the batch; only its tasks' rows are kept."""
+        bucket = schedule.bucket_of(batch.support.mask.sum(1))
+        with torch.no_grad():
+            out = self.backend.shared_logits(params, rows, lookup.query, batch.query)
+        for i in bucket.unique().tolist():
+            setting = schedule.entries[i].setting if i >= 0 else None
+            if setting is None or not setting.adapts:
+                continue
+            logits = self._backend_for(setting).adapted_logits(params, rows, lookup, batch, Pass.EVALUATE)
+            chosen = bucket == i
+            out[chosen] = logits.query.detach()[chosen]
+        return out

@@ -27,9 +27,11 @@ from torch import nn
 
 from gmeta.data.batch import TaskBatch
 from gmeta.data.schema import Schema
-from gmeta.errors import UserError
+from gmeta.errors import ConfigError, UserError
 from gmeta.meta.config import MetaConfig
+from gmeta.meta.episodes import drop_ids, truncate_episodes
 from gmeta.meta.learner import MetaLearner
+from gmeta.meta.schedule import SCHEDULE_KEY, AdaptationSchedule
 from gmeta.metrics import ColdStartMetrics
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingCollection, EmbeddingTable
@@ -132,6 +134,9 @@ class MetaDLRMModule(L.LightningModule):
         task_key_oov_rate: in training, the share of tasks whose task-key id (the user id) is replaced
             by the OOV row 0. Cold tasks always arrive with OOV task keys; without this the OOV row
             is never trained and the model learns to lean on ids that new users do not have.
+        id_dropout: in training, ``{sparse field: rate}``: that share of the field's id values is
+            replaced by the OOV row in each step (``gmeta.meta.episodes.drop_ids``), e.g. ``item_id``
+            so that new items, which arrive with the OOV row, are scored from their side features.
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class MetaDLRMModule(L.LightningModule):
         dense_optimizer: dict[str, Any] | None = None,
         embedding_optimizer: dict[str, Any] | None = None,
         task_key_oov_rate: float = 0.0,
+        id_dropout: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -180,6 +186,15 @@ class MetaDLRMModule(L.LightningModule):
         self.task_key_column = (
             sparse_names.index(self.schema.task_key) if self.schema.task_key in sparse_names else None
         )
+        self.id_dropout: dict[int, float] = {}
+        for name, rate in (id_dropout or {}).items():
+            if name not in sparse_names:
+                raise ConfigError(
+                    f"model.id_dropout: {name!r} is not a sparse field of the data ({sparse_names})"
+                )
+            if not 0.0 <= float(rate) <= 1.0:
+                raise ConfigError(f"model.id_dropout.{name} must be in [0, 1], got {rate}")
+            self.id_dropout[sparse_names.index(name)] = float(rate)
         self.val_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
         self.test_metrics = nn.ModuleDict({mode: ColdStartMetrics() for mode, _ in EVAL_MODES})
         #: per-state test results of the last test run, as records (see ``gmeta.report``)
@@ -189,6 +204,15 @@ class MetaDLRMModule(L.LightningModule):
         # Lightning calls this after the strategy's environment set-up: HybridParallelStrategy has
         # then already replaced the deferred table by this rank's rows; on one process, build it whole.
         self.embedding.materialize()
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.learner.schedule is not None:  # chosen on validation (gmeta.meta.adaptation)
+            checkpoint[SCHEDULE_KEY] = self.learner.schedule.to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get(SCHEDULE_KEY)
+        self.learner.schedule = AdaptationSchedule.from_dict(stored) if stored else None
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -215,6 +239,10 @@ class MetaDLRMModule(L.LightningModule):
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
         self._drop_task_keys(batch)
+        seed, cfg = os.environ.get("PL_GLOBAL_SEED", "0"), self.meta_config
+        for column, rate in self.id_dropout.items():
+            drop_ids(batch, column, rate, seed, self.global_step)
+        batch = truncate_episodes(batch, cfg.episode_support_sizes, cfg.episode_rate, seed, self.global_step)
         optimizer = self.optimizers()
         assert isinstance(optimizer, LightningOptimizer)  # configure_optimizers returns one
         loss, stats = run_train_step(
