@@ -15,6 +15,7 @@ from entry_points import run_entry_point as run_script
 
 from gmeta.data.schema import STATES
 from gmeta.data.vocab import read_vocab
+from gmeta.meta.schedule import SCHEDULE_KEY, AdaptationSchedule
 from helpers import EPOCHS, TrainedRun, load_checkpoint, records_by_key
 
 
@@ -110,3 +111,53 @@ def test_checkpoint_carries_the_vocabulary_for_serving(trained_run: TrainedRun) 
     assert state["vocab"] == read_vocab(trained_run.data_dir / "vocab.parquet")
     assert state["vocab_sha256"] == trained_run.manifest.data["vocab"]["sha256"]
     assert state["task_config"] == trained_run.manifest.data["task_config"]
+
+
+def test_auto_adaptation_schedule_is_chosen_on_validation_and_stored_in_the_best_checkpoint(
+    trained_run: TrainedRun,
+) -> None:
+    """adaptation=auto: per support-size bucket the best grid point that lowers no state's validation
+    AUC, logged to adaptation_schedule.json and stored in the tested (best) checkpoint."""
+    doc = json.loads((trained_run.run_dir / "adaptation_schedule.json").read_text())
+    schedule = AdaptationSchedule.from_dict(doc["schedule"])
+    assert schedule.bounds == [1, 5]
+    assert load_checkpoint(trained_run.best_ckpt)[SCHEDULE_KEY] == doc["schedule"]
+    for entry in schedule.entries:
+        grid = [r for r in doc["grid"] if r["min_support"] == entry.min_support]
+        assert len(grid) == 3  # no adaptation + 1 step x 2 lrs
+        chosen = [r for r in grid if r["chosen"]]
+        assert len(chosen) == 1 and chosen[0]["setting"] == entry.setting.label()
+        base = next(r for r in grid if r["setting"] == "no adaptation")
+        for state in STATES:
+            if base.get(state) is not None:
+                assert chosen[0][state] >= base[state], (entry, state)
+        fair = [
+            r
+            for r in grid
+            if all(r.get(s) is None or r[s] >= base[s] for s in STATES if base.get(s) is not None)
+        ]
+        assert chosen[0]["mean_auc"] == max(r["mean_auc"] for r in fair)
+
+
+def test_compare_predictions_score_what_the_test_stage_reported(trained_run: TrainedRun) -> None:
+    """scripts/compare.py's per-sample predictions (k = 0 and all) give the test table's AUCs."""
+    import numpy as np
+    from omegaconf import OmegaConf
+
+    from gmeta.app import build_datamodule
+    from gmeta.compare import ALL, bootstrap_aucs, collect_predictions
+    from gmeta.meta.module import MetaDLRMModule
+    from gmeta.parallel.sharded_checkpoint import load_lightning_module
+
+    cfg = OmegaConf.load(trained_run.run_dir / "config_resolved.yaml")
+    model, _ = load_lightning_module(MetaDLRMModule, trained_run.best_ckpt)
+    assert model.learner.schedule is not None  # the run's adaptation=auto schedule travels along
+    preds = collect_predictions(model, build_datamodule(cfg).test_dataloader(), [0, 2, None])
+    aucs = bootstrap_aucs({"run": [preds]}, replicates=2)
+    want = records_by_key(trained_run.run_dir / "cold_start_metrics.json")
+    for state in STATES:
+        for k, adapted in ((0, False), (ALL, True)):
+            assert aucs[("run", state, k)][0] == pytest.approx(want[(state, adapted)]["auc"], abs=1e-5)
+    counts = trained_run.manifest.data["counts"]["test"]
+    assert len(preds.label) == sum(c["query"] for c in counts.values())
+    assert not np.allclose(preds.logits[2], preds.logits[ALL])
