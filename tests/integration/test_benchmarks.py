@@ -81,6 +81,7 @@ def test_bench_train_op_times_smoke(tmp_path: Path) -> None:
     assert set(by_variant) == {"plain", "maml"} and all(positive(x) for x in by_variant.values())
 
 
+@pytest.mark.slow  # ~12 s (a loader worker process); make test's 5-minute budget
 def test_bench_io_smoke(tmp_path: Path) -> None:
     args = ["--synthetic", "--synthetic-users", "150", "--batch-tasks", "8", "--max-batches", "3"]
     lines = run_json("bench_io.py", *args, "--consume-steps", "2", "--workers", "0,1", tmp=tmp_path)
