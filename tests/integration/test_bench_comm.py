@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # ~14 s; tests/distributed audits the collectives of a meta-step (fast)
 def test_bench_comm_reports_five_collectives_per_step_and_a_costlier_naive_design(tmp_path: Path) -> None:
     cmd = [
         sys.executable,

@@ -29,6 +29,7 @@ def positive(x: object) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow  # ~13-20 s (six variants); unit tests check the learner it times
 def test_bench_train_smoke(tmp_path: Path) -> None:
     out = tmp_path / "train.jsonl"
     args = ["--config", "criteo", "--rows", "1000", "--tasks", "8", "--steps", "2", "--warmup", "1"]

@@ -43,6 +43,7 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"tmp": tmp, "run_dir": run_dir, "out": proc.stdout + proc.stderr}
 
 
+@pytest.mark.slow  # ~30 s: a 2-process train.py; tests/distributed checks 2 ranks == 1 (fast)
 def test_two_processes_train_and_count_every_test_task_once(ddp_run: dict) -> None:
     assert "Starting with 2 processes" in ddp_run["out"]
     assert (ddp_run["run_dir"] / "train_ddp_process_1.log").is_file()  # the second rank really ran
@@ -64,6 +65,7 @@ def test_two_processes_train_and_count_every_test_task_once(ddp_run: dict) -> No
     )
 
 
+@pytest.mark.slow  # ~13 s more on the 2-process run above
 def test_one_process_evaluates_the_two_rank_checkpoint_to_the_same_metrics(ddp_run: dict) -> None:
     run_dir = ddp_run["run_dir"]
     best = next((run_dir / "checkpoints").glob("epoch_*.ckpt"))

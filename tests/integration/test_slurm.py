@@ -136,6 +136,7 @@ def test_submitit_local_multirun_runs_two_jobs(tmp_path: Path) -> None:
         assert {(r["job"], r["method"]) for r in csv.DictReader(f)} == {("0", "maml"), ("1", "none")}
 
 
+@pytest.mark.slow  # ~10 s: a train.py -m process up to submission
 def test_slurm_cpu_without_a_controller_fails_at_submission_saying_how_to_start_one(tmp_path: Path) -> None:
     """No hang and no traceback: a clear error before anything is submitted (whether or not the SLURM
     client commands are installed here). Real jobs: tests/slurm (make test-slurm)."""

@@ -97,6 +97,7 @@ def test_resume_from_last_checkpoint_continues_step_count(trained_run: TrainedRu
     assert after["global_step"] == before["global_step"] + steps_per_epoch
 
 
+@pytest.mark.slow  # ~13 s: one more train.py process (the debug=fdr config)
 def test_fast_dev_run_debug_config(trained_run: TrainedRun) -> None:
     run_dir = trained_run.tmp / "fdr"  # a run folder of its own on the shared run's shards
     run_script(

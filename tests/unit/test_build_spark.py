@@ -80,7 +80,10 @@ def _both(source, cfg: TaskConfig, tmp: Path, seed: int = 0, rows_per_partition:
 @pytest.mark.parametrize(
     ("cfg", "rows_per_partition"),
     [
-        (dict(min_interactions=8, max_interactions=40, query_size=4), 700),  # > 3 partitions
+        # > 3 partitions; slow: a Spark session starts (~20-26 s, make test's 5-minute budget)
+        pytest.param(
+            dict(min_interactions=8, max_interactions=40, query_size=4), 700, marks=pytest.mark.slow
+        ),
         pytest.param(
             dict(
                 min_interactions=8,
