@@ -32,6 +32,11 @@ from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.sources.tabular import TabularSource
 from gmeta.data.tasks import TaskConfig
 
+# Every test here starts or shares a local Spark session (10-25 s on 2 cores): the whole module is
+# slow (make test's 5-minute budget); make test-slow runs it, and the DuckDB plan it mirrors is
+# checked in the fast suite (test_build_engine.py).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def spark():
