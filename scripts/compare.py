@@ -26,6 +26,7 @@ Run (MovieLens, 5 seeds; about 2 minutes per run on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -100,11 +101,18 @@ def evaluate(run_dir: Path, ckpt: Path, args: argparse.Namespace) -> Predictions
             steps=tuple(args.grid_steps),
             lrs=tuple(args.grid_lrs),
             groups=tuple(tuple(g.split("+")) for g in args.grid_groups),
+            per_state=args.per_state,
         )
-        saved = run_dir / "schedule.json"
+        saved = run_dir / ("schedule_per_state.json" if args.per_state else "schedule.json")
         doc = json.loads(saved.read_text()) if saved.exists() else {}
+        # a per-state search chose the common buckets too (by the same rule, in the same pass)
+        both = run_dir / "schedule_per_state.json"
+        both_doc = json.loads(both.read_text()) if both.exists() else {}
         if args.reuse and doc.get("space") == repr(space):  # chosen on validation before, same grid
             model.learner.schedule = AdaptationSchedule.from_dict(doc["schedule"])
+        elif args.reuse and both_doc.get("space") == repr(dataclasses.replace(space, per_state=True)):
+            common = AdaptationSchedule.from_dict(both_doc["schedule"]).entries
+            model.learner.schedule = AdaptationSchedule(common)
         else:
             schedule, _ = search_schedule(model, datamodule.val_dataloader(), space)
             model.learner.schedule = schedule
@@ -112,8 +120,13 @@ def evaluate(run_dir: Path, ckpt: Path, args: argparse.Namespace) -> Predictions
             saved.write_text(json.dumps(doc, indent=2) + "\n")
     loader = datamodule.test_dataloader() if args.split == "test" else datamodule.val_dataloader()
     preds = collect_predictions(model, loader, args.shots)
-    preds.save(str(run_dir / f"predictions_{args.split}_{args.adaptation}.npz"))
+    preds.save(str(run_dir / f"predictions_{args.split}_{adaptation_tag(args)}.npz"))
     return preds
+
+
+def adaptation_tag(args: argparse.Namespace) -> str:
+    """How the evaluation adapted, in the names of the files it saves (``--reuse`` keeps them apart)."""
+    return args.adaptation + ("_per_state" if args.per_state and args.adaptation == "auto" else "")
 
 
 def k_name(k: int) -> str:
@@ -249,6 +262,9 @@ def main() -> None:
     p.add_argument("--grid-steps", type=int, nargs="+", default=[1, 3, 5])
     p.add_argument("--grid-lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
     p.add_argument("--grid-groups", nargs="+", default=["bottom+top", "top"])
+    p.add_argument(
+        "--per-state", action="store_true", help="also choose each cold-start state's own schedule (auto)"
+    )
     p.add_argument("--replicates", type=int, default=1000)
     p.add_argument("--train-args", default="", help="overrides added to every method's training run")
     p.add_argument("--reuse", action="store_true", help="keep trained runs (and saved predictions)")
@@ -265,7 +281,7 @@ def main() -> None:
         runs[name] = []
         for seed in args.seeds:
             run_dir = (args.out / "runs" / name / f"seed_{seed}").resolve()
-            saved = run_dir / f"predictions_{args.split}_{args.adaptation}.npz"
+            saved = run_dir / f"predictions_{args.split}_{adaptation_tag(args)}.npz"
             ckpt = best_checkpoint(run_dir) if args.reuse else None
             if ckpt is not None and saved.exists():
                 runs[name].append(Predictions.load(str(saved)))
@@ -284,7 +300,8 @@ def main() -> None:
         "- methods: " + "; ".join(f"`{n}`: `{shlex.join(o)}`" for n, o in args.method),
         f"- seeds {args.seeds}; common overrides `{args.train_args}`; adaptation `{args.adaptation}`"
         + (
-            " (a schedule per support size chosen on the validation split, same grid for every method)"
+            " (a schedule per support size chosen on the validation split, same grid for every method"
+            + ("; each cold-start state its own)" if args.per_state else ")")
             if args.adaptation == "auto"
             else ""
         ),

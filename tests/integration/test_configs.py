@@ -142,6 +142,8 @@ def test_meta_options(name: str, tmp_path) -> None:
         "backend",
         "episode_support_sizes",
         "episode_rate",
+        "adapt_embedding_fields",
+        "learn_inner_lr",
     }
     assert meta["backend"] == "fast"
     assert meta["support_loss_weight"] == 0.0  # pure MAML unless an experiment asks for more

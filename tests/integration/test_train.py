@@ -138,6 +138,17 @@ def test_auto_adaptation_schedule_is_chosen_on_validation_and_stored_in_the_best
             if all(r.get(s) is None or r[s] >= base[s] for s in STATES if base.get(s) is not None)
         ]
         assert chosen[0]["mean_auc"] == max(r["mean_auc"] for r in fair)
+    # adaptation.per_state (the default): each state's own buckets, chosen by its own AUC alone
+    assert schedule.by_state and set(schedule.by_state) <= set(STATES)
+    for state, entries in schedule.by_state.items():
+        assert [e.min_support for e in entries] == [1, 5]
+        for entry in entries:
+            grid = [r for r in doc["grid"] if r["min_support"] == entry.min_support]
+            mine = [r for r in grid if state in r["chosen_for"]]
+            assert len(mine) == 1 and mine[0]["setting"] == entry.setting.label()
+            base = next(r for r in grid if r["setting"] == "no adaptation")
+            fair = [r[state] for r in grid if r[state] is not None and r[state] >= base[state]]
+            assert mine[0][state] == max(fair)
 
 
 def test_compare_predictions_score_what_the_test_stage_reported(trained_run: TrainedRun) -> None:

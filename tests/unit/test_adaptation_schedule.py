@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from gmeta.data.batch import truncate_support
 from gmeta.errors import ConfigError
 from gmeta.meta.adaptation import Adaptation, store_schedule
 from gmeta.meta.config import MetaConfig
-from gmeta.meta.episodes import drop_ids, truncate_episodes
+from gmeta.meta.episodes import drop_ids, drop_task_keys, truncate_episodes
 from gmeta.meta.learner import MetaLearner
 from gmeta.meta.schedule import SCHEDULE_KEY, AdaptationSchedule, InnerSetting, ScheduleEntry
 from gmeta.meta.schedule_search import SearchSpace, choose
@@ -72,6 +74,38 @@ def test_scheduled_prediction_is_each_task_adapted_by_its_bucket_setting():
     assert not torch.allclose(want[ONE], plain) and not torch.allclose(want[THREE], plain)
 
 
+def test_a_state_with_its_own_buckets_uses_them_the_others_the_common_ones():
+    emb, learner = make_learner()
+    lk = emb.lookup(BATCH)
+    states = torch.tensor([0, 1, 2, 3, 1, 1, 0, 3])  # STATES indices per task
+    batch = dataclasses.replace(BATCH, state=states)
+    common = (ScheduleEntry(1, ONE), ScheduleEntry(5, THREE))
+    schedule = AdaptationSchedule(
+        common, {"user_cold": (ScheduleEntry(2, THREE),), "warm": (ScheduleEntry(1, NONE),)}
+    )
+    assert AdaptationSchedule.from_dict(schedule.to_dict()) == schedule
+    assert schedule.describe() == (
+        "support 1-4: 1 x 0.5 on top; support >=5: 3 x 0.2 on bottom+top"
+        " | user_cold: support >=2: 3 x 0.2 on bottom+top | warm: support >=1: no adaptation"
+    )
+    learner.schedule = schedule
+    got = learner.predict(batch, lk, adapted=True)
+    want = {s: learner.predict_with(s, batch, lk) for s in (ONE, THREE)}
+    plain = learner.predict(batch, lk, adapted=False)
+    for t, (n, state) in enumerate(zip(SUPPORT, states.tolist(), strict=True)):
+        if state == 0 or n < 1:  # warm: never adapted; no support: nothing to adapt on
+            expected = plain
+        elif state == 1:  # user_cold: its own buckets
+            expected = want[THREE] if n >= 2 else plain
+        else:
+            expected = want[ONE] if n < 5 else want[THREE]
+        torch.testing.assert_close(got[t], expected[t], rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="unknown state 'cold'"):
+        AdaptationSchedule(common, {"cold": common})
+    with pytest.raises(ConfigError, match="of state warm"):
+        AdaptationSchedule(common, {"warm": ()})
+
+
 def test_one_bucket_with_the_config_setting_equals_the_unscheduled_prediction():
     emb, learner = make_learner()
     lk = emb.lookup(BATCH)
@@ -97,6 +131,48 @@ def test_choose_takes_the_best_mean_that_hurts_no_state():
     assert choose([base, hurts], tolerance=0.0)[0] == NONE
     nan_state = (THREE, per_state(warm=0.71, user_cold=math.nan))
     assert choose([base, nan_state], tolerance=0.0)[0] == NONE
+
+
+def test_search_chooses_each_states_buckets_by_its_own_auc(monkeypatch):
+    """per_state: the common buckets by the mean over states (never hurting one), each state's by its
+    own AUC; here ONE helps warm a lot and hurts user_cold a little, THREE the reverse."""
+    import gmeta.meta.schedule_search as search
+
+    emb, learner = make_learner()
+    aucs = {NONE: (0.70, 0.60), ONE: (0.78, 0.59), THREE: (0.69, 0.62)}  # (warm, user_cold)
+    space = SearchSpace(
+        support_sizes=(1,), steps=(1, 3), lrs=(0.5, 0.2), groups=(("top",), ("bottom", "top"))
+    )
+    scored = iter(space.settings())  # the search makes one metrics object per grid point, in order
+
+    class FakeMetrics:
+        def __init__(self):
+            self.setting = next(scored)
+
+        def to(self, device):
+            return self
+
+        def update(self, *args):
+            pass
+
+        def compute(self):
+            warm, cold = aucs.get(self.setting, aucs[NONE])
+            return per_state(warm=warm, user_cold=cold)
+
+    monkeypatch.setattr(search, "ColdStartMetrics", FakeMetrics)
+    module = types.SimpleNamespace(
+        training=False,
+        eval=lambda: None,
+        train=lambda mode: None,
+        parameters=lambda: iter([torch.zeros(1)]),
+        learner=learner,
+        embedding=emb,
+    )
+    schedule, records = search.search_schedule(module, [], dataclasses.replace(space, per_state=True))
+    assert schedule.entries == (ScheduleEntry(1, NONE),)  # ONE hurts user_cold, THREE hurts warm
+    assert schedule.by_state == {"warm": (ScheduleEntry(1, ONE),), "user_cold": (ScheduleEntry(1, THREE),)}
+    chosen_for = {r["setting"]: r["chosen_for"] for r in records if r["chosen_for"]}
+    assert chosen_for == {ONE.label(): ["warm"], THREE.label(): ["user_cold"]}
 
 
 def test_search_space_grid_and_validation():
@@ -156,6 +232,20 @@ def test_dropped_ids_are_dropped_everywhere_in_the_step():
         batch.support.sparse[:, :, 1],
         random_batch(5, [30] * 6, [20] * 6, vocab_sizes=(50, 5, 9, 6)).support.sparse[:, :, 1],
     )
+
+
+def test_task_keys_are_dropped_for_a_share_of_tasks_in_both_sets():
+    batch = random_batch(6, [5] * 400, [3] * 400, vocab_sizes=(50, 5, 9, 6))
+    batch.support.sparse[:, :, 0] = batch.query.sparse[:, :, 0] = 1 + torch.arange(400)[:, None] % 49
+    drop_task_keys(batch, column=0, rate=0.3, seed="1", step=2)
+    dropped = batch.support.sparse[:, 0, 0] == 0
+    assert torch.equal(dropped[:, None].expand(-1, 5), batch.support.sparse[:, :, 0] == 0)
+    assert torch.equal(dropped[:, None].expand(-1, 3), batch.query.sparse[:, :, 0] == 0)
+    assert 0.22 < float(dropped.double().mean()) < 0.38
+    again = random_batch(6, [5] * 400, [3] * 400, vocab_sizes=(50, 5, 9, 6))
+    again.support.sparse[:, :, 0] = again.query.sparse[:, :, 0] = 1 + torch.arange(400)[:, None] % 49
+    drop_task_keys(again, column=0, rate=0.3, seed="1", step=3)  # another step: other tasks
+    assert not torch.equal(dropped, again.support.sparse[:, 0, 0] == 0)
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])

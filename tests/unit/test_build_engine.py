@@ -213,6 +213,8 @@ def test_zero_tasks_after_filtering_is_an_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# slow (22 s on 2 cores): the synthetic MovieLens-shaped tests above cover the same equivalence in make test
+@pytest.mark.slow
 @pytest.mark.movielens
 def test_movielens_same_tasks_as_the_reference(tmp_path):
     from gmeta.data.sources.movielens import MovieLensSource

@@ -16,7 +16,7 @@ from tiny_tasks import random_batch
 from gmeta.data.batch import TaskBatch, pad_tasks
 from gmeta.meta import fast
 from gmeta.meta.config import MetaConfig
-from gmeta.meta.fast import ops, step
+from gmeta.meta.fast import ops
 from gmeta.meta.fast.adapted import materialize_layer
 from gmeta.meta.fast.towers import Layer
 from gmeta.meta.learner import MetaLearner
@@ -43,11 +43,15 @@ def make_batch(seed: int = 0) -> TaskBatch:
     return pad_tasks(batch, batch.num_tasks + 2)
 
 
-def run(emb, model, batch: TaskBatch, cfg: MetaConfig) -> dict[str, torch.Tensor]:
-    """Loss, dense grads by name and row grads scattered to the (num_total_rows, d) table."""
+def run(
+    emb, model, batch: TaskBatch, cfg: MetaConfig, learner: MetaLearner | None = None
+) -> dict[str, torch.Tensor]:
+    """Loss, dense grads by name, row grads scattered to the (num_total_rows, d) table and, with
+    learned inner rates, their grads (``rates``); ``learner``: default ``MetaLearner(model, cfg)``."""
+    learner = MetaLearner(model, cfg) if learner is None else learner
     model.zero_grad(set_to_none=True)
     lk = emb.lookup(batch)
-    loss, _ = MetaLearner(model, cfg).loss(batch, lk)
+    loss, _ = learner.loss(batch, lk)
     loss.backward()
     rows = torch.zeros_like(emb.weight)
     if lk.rows.grad is not None:
@@ -55,8 +59,22 @@ def run(emb, model, batch: TaskBatch, cfg: MetaConfig) -> dict[str, torch.Tensor
     res = {"loss": loss.detach(), "rows": rows}
     for k, p in model.named_parameters():
         res[k] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    if learner.inner_lrs is not None:
+        assert learner.inner_lrs.values.grad is not None
+        res["rates"] = learner.inner_lrs.values.grad.clone()
+        learner.inner_lrs.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=True)
     return res
+
+
+def fast_equal_to_vmap_and_loop(emb, model, batch: TaskBatch, cfg: MetaConfig, run_with=None) -> dict:
+    """``run_with`` (default ``run``) on the fast backend, checked against the vmap and reference
+    backends to 1e-10 relative (float64); the fast backend's result."""
+    run_with = run if run_with is None else run_with
+    got = run_with(emb, model, batch, cfg)
+    assert_close(got, run_with(emb, model, batch, dataclasses.replace(cfg, backend="vmap")), 1e-10)
+    assert_close(got, run_with(emb, model, batch, reference(cfg)), 1e-10)
+    return got
 
 
 def reference(cfg: MetaConfig) -> MetaConfig:
@@ -76,13 +94,6 @@ def assert_close(a, b, tol: float) -> None:
     diffs = rel_diff(a, b)
     worst = max(diffs, key=diffs.get)
     assert diffs[worst] <= tol, f"{worst}: relative difference {diffs[worst]:.3e} > {tol:.0e} ({diffs})"
-
-
-@pytest.fixture(params=["low_rank", "materialized"])
-def layer_form(request, monkeypatch) -> str:
-    """Force every adapted layer into one form (the cost model would pick per layer)."""
-    monkeypatch.setattr(step, "materialize_layer", lambda layer, rows: request.param == "materialized")
-    return request.param
 
 
 @pytest.fixture

@@ -52,7 +52,7 @@ class Adaptation(Callback):
     Args:
         mode: one of ``MODES``.
         output_dir: where ``adaptation_schedule.json`` goes (mode ``auto``).
-        search: the ``SearchSpace`` fields (support_sizes, steps, lrs, groups, tolerance).
+        search: the ``SearchSpace`` fields (support_sizes, steps, lrs, groups, tolerance, per_state).
     """
 
     def __init__(self, mode: str = "fixed", output_dir: str | None = None, **search: Any) -> None:

@@ -13,10 +13,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from gmeta.data.batch import SetBatch, TaskBatch
 from gmeta.meta.config import MetaConfig
+from gmeta.meta.inner_lr import InnerLearningRates
 from gmeta.model.dlrm import DLRM
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 
@@ -50,16 +52,63 @@ class InnerLoop:
         lr: the inner learning rate.
         groups: dense parameter groups adapted per task.
         adapt_embeddings: whether each task also adapts its looked-up rows.
+        embedding_fields: with ``adapt_embeddings``, the id fields (indices into the model's F fields:
+            sparse, then multi-hot) whose rows adapt; None: all.
+        learned: learned rates per layer and step (``meta.learn_inner_lr``), used instead of ``lr``.
+        lr_scale: a factor on the learned rates (an adaptation schedule's ``lr / meta.inner_lr``).
     """
 
     steps: int
     lr: float
     groups: tuple[str, ...]
     adapt_embeddings: bool
+    learned: InnerLearningRates | None = None
+    lr_scale: float = 1.0
+    embedding_fields: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, cfg: MetaConfig) -> InnerLoop:
-        return cls(cfg.inner_steps, cfg.inner_lr, cfg.groups, cfg.adapt_embeddings)
+    def of(
+        cls,
+        cfg: MetaConfig,
+        learned: InnerLearningRates | None = None,
+        embedding_fields: tuple[int, ...] | None = None,
+    ) -> InnerLoop:
+        return cls(
+            cfg.inner_steps, cfg.inner_lr, cfg.groups, cfg.adapt_embeddings, learned, 1.0, embedding_fields
+        )
+
+    def field_mask(self, num_fields: int, like: Tensor) -> Tensor | None:
+        """(F, 1) 1/0 weights of the id fields whose rows adapt (``like``'s dtype/device); None: all."""
+        if self.embedding_fields is None:
+            return None
+        mask = torch.zeros(num_fields, 1, dtype=like.dtype, device=like.device)
+        mask[list(self.embedding_fields)] = 1
+        return mask
+
+    def row_mask(self, idx: LocalIndex, num_rows: int) -> Tensor | None:
+        """(U, 1) bool, True for the looked-up rows that adapt: those ``idx`` reads in the adapted
+        fields (each field has its own table, so a row belongs to one field); None: all."""
+        if self.embedding_fields is None:
+            return None
+        fs = idx.sparse.shape[-1]
+        hit = torch.zeros(num_rows + 1, dtype=torch.bool, device=idx.sparse.device)  # + the pad row
+        for f in self.embedding_fields:
+            if f < fs:
+                hit[idx.sparse[..., f].reshape(-1)] = True
+            else:
+                ids = idx.multi_hot[..., f - fs, :]
+                hit[ids[idx.multi_hot_mask[..., f - fs, :]]] = True
+        return hit[:num_rows].unsqueeze(-1)
+
+    def lr_at(self, step: int, slot: str, attached: bool = True) -> float | Tensor:
+        """The rate of ``slot`` (``gmeta.meta.inner_lr.slot_of``) at inner step ``step``: ``lr``, or
+        the learned one (a 0-dim tensor, attached to the trained table when ``attached``)."""
+        if self.learned is None:
+            return self.lr
+        rate = self.learned.at(step, slot)
+        if not attached:
+            rate = rate.detach()
+        return rate if self.lr_scale == 1.0 else rate * self.lr_scale
 
 
 @dataclass

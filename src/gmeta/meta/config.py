@@ -84,6 +84,9 @@ class MetaConfig:
         inner_lr: inner SGD learning rate (> 0).
         adapt_groups: dense parameter groups adapted per task; None: the algorithm's.
         adapt_embeddings: also adapt each task's copy of the looked-up embedding rows.
+        adapt_embedding_fields: with ``adapt_embeddings``, only the rows of these id fields adapt
+            (e.g. ``[user_id]``: a per-user vector, MeLU-style, with ``adapt_groups=[top]``); None:
+            every id field's.
         first_order: drop second-order terms (gradient through the inner gradients); None: the
             algorithm's.
         support_loss_weight: meta algorithms only: add this times the support loss at the shared
@@ -95,6 +98,8 @@ class MetaConfig:
         episode_support_sizes / episode_rate: meta algorithms only: k-shot episodes. In training, an
             ``episode_rate`` share of the tasks keeps only its first k support samples, k drawn from
             ``episode_support_sizes`` (the sizes met at evaluation; ``gmeta.meta.episodes``).
+        learn_inner_lr: meta algorithms only: learn one inner learning rate per layer and inner step
+            (Meta-SGD / MAML++), initialised to ``inner_lr`` (``gmeta.meta.inner_lr``).
     """
 
     name: str = "maml"
@@ -102,11 +107,13 @@ class MetaConfig:
     inner_lr: float = 0.01
     adapt_groups: tuple[str, ...] | None = None
     adapt_embeddings: bool = False
+    adapt_embedding_fields: tuple[str, ...] | None = None
     first_order: bool | None = None
     support_loss_weight: float = 0.0
     backend: str = "fast"
     episode_support_sizes: tuple[int, ...] = ()
     episode_rate: float = 0.0
+    learn_inner_lr: bool = False
 
     def __post_init__(self) -> None:
         algo = ALGORITHMS.get(self.name)
@@ -161,6 +168,19 @@ class MetaConfig:
             raise ConfigError(
                 f"meta.support_loss_weight={self.support_loss_weight} only applies to meta algorithms: "
                 "meta.name=none already trains on every support label"
+            )
+        if self.adapt_embedding_fields is not None:
+            fields = tuple(str(f) for f in self.adapt_embedding_fields)
+            if not self.adapt_embeddings or not fields:
+                raise ConfigError(
+                    f"meta.adapt_embedding_fields={list(fields)} needs meta.adapt_embeddings=true and at "
+                    "least one id field (null: every id field's rows adapt)"
+                )
+            object.__setattr__(self, "adapt_embedding_fields", fields)
+        if self.learn_inner_lr and not (algo.meta and self.inner_steps > 0):
+            raise ConfigError(
+                f"meta.learn_inner_lr needs an inner loop to learn from (a meta algorithm with "
+                f"meta.inner_steps >= 1), got meta.name={name}, meta.inner_steps={self.inner_steps}"
             )
         if not algo.meta and self.episode_rate > 0:
             raise ConfigError(

@@ -3,6 +3,8 @@
 * ``truncate_episodes``: k-shot episodes. Evaluation adapts new users on 1, 2, 3 ... interactions,
   but every training task has its whole support set (10-90 on MovieLens): a share of the tasks keeps
   only its first k support samples, k drawn from the sizes met at evaluation.
+* ``drop_task_keys``: a share of the tasks gets the OOV task key (the user id): cold users arrive
+  with it, and without this the OOV row is never trained.
 * ``drop_ids``: id dropout. A new item (or user) arrives with the OOV row 0; replacing a random share
   of a field's ids by 0 trains that row and teaches the towers to score from the side features.
 
@@ -13,7 +15,6 @@ ids are changed whichever rank holds them, so N processes train exactly like one
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -46,9 +47,20 @@ def truncate_episodes(batch: TaskBatch, sizes: Sequence[int], rate: float, seed:
     return replace(batch, support=replace(batch.support, mask=keep))
 
 
+def drop_task_keys(batch: TaskBatch, column: int, rate: float, seed: str, step: int) -> None:
+    """Replace the task-key id (sparse column ``column``) of a ``rate`` share of the tasks by the OOV
+    row 0 in support and query, in place."""
+    if rate == 0.0:
+        return
+    draws = [_uniform(f"{seed}/{step}/{t}/task_key") for t in batch.task_ids]
+    drop = torch.tensor(draws, device=batch.task_mask.device) < rate
+    for s in (batch.support, batch.query):
+        s.sparse[:, :, column].masked_fill_(drop[:, None], 0)
+
+
 def _id_draws(ids: Tensor, seed: str, step: int) -> Tensor:
     """A uniform [0, 1) draw per id VALUE for this (seed, step): every occurrence of an id agrees."""
-    salt = zlib.crc32(f"{seed}/{step}/ids".encode())
+    salt = int(_uniform(f"{seed}/{step}/ids") * 2**32)
     # a multiplicative hash (Knuth) of id ^ salt, in int64 arithmetic kept below 2**32
     h = ((ids ^ salt) * 2654435761) % 2**32
     h = ((h ^ (h >> 16)) * 2246822519) % 2**32

@@ -16,14 +16,17 @@ fills the dense params' and ``lookup.rows``' gradients.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from gmeta.data.batch import TaskBatch
+from gmeta.errors import ConfigError
 from gmeta.meta import fast
 from gmeta.meta.backend import InnerLoop, MetaBackend, Pass
 from gmeta.meta.config import MetaConfig
+from gmeta.meta.inner_lr import InnerLearningRates, lr_slots
 from gmeta.meta.losses import masked_bce, masked_sample_mean_bce, masked_task_mean
 from gmeta.meta.reference import ReferenceBackend
 from gmeta.meta.schedule import AdaptationSchedule, InnerSetting
@@ -34,10 +37,9 @@ from gmeta.model.embedding import EmbeddingLookup
 log = logging.getLogger(__name__)
 
 
-def make_backend(model: DLRM, cfg: MetaConfig, inner: InnerLoop | None = None) -> MetaBackend:
-    """The backend ``cfg.backend`` names, running ``inner`` (default: the config's inner loop);
-    ``fast`` falls back to ``vmap`` for a model it does not know."""
-    inner = InnerLoop.of(cfg) if inner is None else inner
+def make_backend(model: DLRM, cfg: MetaConfig, inner: InnerLoop) -> MetaBackend:
+    """The backend ``cfg.backend`` names, running ``inner``; ``fast`` falls back to ``vmap`` for a
+    model it does not know."""
     if cfg.backend == "fast":
         if fast.supports(model):
             return fast.FastBackend(model, inner)
@@ -50,18 +52,42 @@ def make_backend(model: DLRM, cfg: MetaConfig, inner: InnerLoop | None = None) -
     return ReferenceBackend(model, inner)
 
 
+def _field_indices(cfg: MetaConfig, id_fields: Sequence[str] | None) -> tuple[int, ...] | None:
+    """``cfg.adapt_embedding_fields`` as indices into ``id_fields``; None: every field adapts."""
+    if cfg.adapt_embedding_fields is None:
+        return None
+    if id_fields is None:
+        raise ValueError("meta.adapt_embedding_fields needs the model's id field names (id_fields)")
+    unknown = [f for f in cfg.adapt_embedding_fields if f not in id_fields]
+    if unknown:
+        raise ConfigError(
+            f"meta.adapt_embedding_fields {unknown} are not id fields of the data; id fields: {list(id_fields)}"
+        )
+    return tuple(sorted(list(id_fields).index(f) for f in cfg.adapt_embedding_fields))
+
+
 class MetaLearner:
     """The meta objective and predictions of ``model`` under ``cfg``.
 
     Args:
         model: the dense towers (their current parameters are used at every call).
         cfg: the meta-learning settings.
+        id_fields: the names of the model's F id fields in order (``Schema.id_fields``); needed
+            only to resolve ``cfg.adapt_embedding_fields``.
+
+    Attributes:
+        inner_lrs: the learned inner learning rates (``meta.learn_inner_lr``), else None; a module
+            whose owner (the LightningModule) registers, optimizes and checkpoints it.
     """
 
-    def __init__(self, model: DLRM, cfg: MetaConfig) -> None:
+    def __init__(self, model: DLRM, cfg: MetaConfig, id_fields: Sequence[str] | None = None) -> None:
         self.model = model
         self.cfg = cfg
-        self.backend = make_backend(model, cfg)
+        self.inner_lrs = (
+            InnerLearningRates(lr_slots(model), cfg.inner_steps, cfg.inner_lr) if cfg.learn_inner_lr else None
+        )
+        self.embedding_fields = _field_indices(cfg, id_fields)
+        self.backend = make_backend(model, cfg, InnerLoop.of(cfg, self.inner_lrs, self.embedding_fields))
         #: evaluation-time inner loops per support size (``gmeta.meta.schedule``); None: the config's
         self.schedule: AdaptationSchedule | None = None
         self._setting_backends: dict[InnerSetting, MetaBackend] = {}
@@ -135,7 +161,17 @@ class MetaLearner:
 
     def _backend_for(self, setting: InnerSetting) -> MetaBackend:
         if setting not in self._setting_backends:
-            inner = InnerLoop(setting.steps, setting.lr, setting.groups, self.cfg.adapt_embeddings)
+            # learned rates: the setting's lr scales them as it would scale meta.inner_lr
+            scale = setting.lr / self.cfg.inner_lr
+            inner = InnerLoop(
+                setting.steps,
+                setting.lr,
+                setting.groups,
+                self.cfg.adapt_embeddings,
+                self.inner_lrs,
+                scale,
+                self.embedding_fields,
+            )
             self._setting_backends[setting] = make_backend(self.model, self.cfg, inner)
         return self._setting_backends[setting]
 
@@ -147,16 +183,13 @@ class MetaLearner:
         batch: TaskBatch,
         lookup: EmbeddingLookup,
     ) -> Tensor:
-        """Each task adapts with its support-size bucket's inner loop. A backend runs whole batches,
-        so each bucket present costs one pass over the batch; only its tasks' rows are kept."""
-        bucket = schedule.bucket_of(batch.support.mask.sum(1))
+        """Each task adapts with the inner loop of its support-size bucket (of its state's buckets, if
+        the schedule has them). A backend runs whole batches, so each inner loop in use costs one
+        pass over the batch; only its tasks' rows are kept."""
+        chosen = schedule.settings_of(batch.support.mask.sum(1), batch.state)
         with torch.no_grad():
             out = self.backend.shared_logits(params, rows, lookup.query, batch.query)
-        for i in bucket.unique().tolist():
-            setting = schedule.entries[i].setting if i >= 0 else None
-            if setting is None or not setting.adapts:
-                continue
+        for setting, tasks in chosen.items():
             logits = self._backend_for(setting).adapted_logits(params, rows, lookup, batch, Pass.EVALUATE)
-            chosen = bucket == i
-            out[chosen] = logits.query.detach()[chosen]
+            out[tasks] = logits.query.detach()[tasks]
         return out

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import warnings
-import zlib
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -29,7 +28,7 @@ from gmeta.data.batch import TaskBatch
 from gmeta.data.schema import Schema
 from gmeta.errors import ConfigError, UserError
 from gmeta.meta.config import MetaConfig
-from gmeta.meta.episodes import drop_ids, truncate_episodes
+from gmeta.meta.episodes import drop_ids, drop_task_keys, truncate_episodes
 from gmeta.meta.learner import MetaLearner
 from gmeta.meta.schedule import SCHEDULE_KEY, AdaptationSchedule
 from gmeta.metrics import ColdStartMetrics
@@ -178,7 +177,10 @@ class MetaDLRMModule(L.LightningModule):
             interaction=interaction,
         )
         #: the meta path: every training and evaluation step goes through it
-        self.learner = MetaLearner(self.dlrm, self.meta_config)
+        self.learner = MetaLearner(self.dlrm, self.meta_config, [f.name for f in self.schema.id_fields])
+        #: learned inner learning rates (meta.learn_inner_lr): trained, reduced over ranks and
+        #: checkpointed with the towers
+        self.inner_lrs = self.learner.inner_lrs
         if not 0.0 <= task_key_oov_rate <= 1.0:
             raise ValueError(f"task_key_oov_rate must be in [0, 1], got {task_key_oov_rate}")
         self.task_key_oov_rate = task_key_oov_rate
@@ -216,19 +218,10 @@ class MetaDLRMModule(L.LightningModule):
 
     # -- optimization ----------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.dlrm.parameters(), **self.dense_optimizer_config)
-
-    def _drop_task_keys(self, batch: TaskBatch) -> None:
-        """Map the task-key id of a random share of tasks to the OOV row (in place, training only)."""
-        if self.task_key_oov_rate == 0.0 or self.task_key_column is None:
-            return
-        # A hash of (seed, step, task id), not the process's RNG: the same tasks are dropped whichever
-        # rank holds them, so N processes train exactly like one (tests/integration/test_ddp_train.py).
-        seed = os.environ.get("PL_GLOBAL_SEED", "0")
-        draws = [zlib.crc32(f"{seed}/{self.global_step}/{t}".encode()) / 2**32 for t in batch.task_ids]
-        drop = torch.tensor(draws, device=batch.task_mask.device) < self.task_key_oov_rate
-        for s in (batch.support, batch.query):
-            s.sparse[:, :, self.task_key_column].masked_fill_(drop[:, None], 0)
+        params = list(self.dlrm.parameters())
+        if self.inner_lrs is not None:
+            params += list(self.inner_lrs.parameters())
+        return torch.optim.Adam(params, **self.dense_optimizer_config)
 
     def loss_weight(self, batch: TaskBatch) -> int:
         """How many units the local loss averages over: real tasks, or real samples for ``none``."""
@@ -238,8 +231,11 @@ class MetaDLRMModule(L.LightningModule):
         return int(tm.sum())
 
     def training_step(self, batch: TaskBatch, batch_idx: int) -> torch.Tensor:
-        self._drop_task_keys(batch)
+        # Draws are hashes of (seed, step, task or id), not the process's RNG: the same tasks and ids
+        # change whichever rank holds them, so N processes train exactly like one.
         seed, cfg = os.environ.get("PL_GLOBAL_SEED", "0"), self.meta_config
+        if self.task_key_column is not None:
+            drop_task_keys(batch, self.task_key_column, self.task_key_oov_rate, seed, self.global_step)
         for column, rate in self.id_dropout.items():
             drop_ids(batch, column, rate, seed, self.global_step)
         batch = truncate_episodes(batch, cfg.episode_support_sizes, cfg.episode_rate, seed, self.global_step)
@@ -262,6 +258,12 @@ class MetaDLRMModule(L.LightningModule):
             if name in stats and stats[name].numel() == 1 and torch.isfinite(stats[name]):
                 self.log(f"train/{name}", stats[name], batch_size=real_tasks)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.inner_lrs is not None:  # where the learned inner rates went (logged per slot and step)
+            for slot, rates in self.inner_lrs.table().items():
+                for k, rate in enumerate(rates):
+                    self.log(f"inner_lr/{slot}/step{k}", rate, sync_dist=False)
 
     # -- evaluation ------------------------------------------------------------------------
     def _evaluate_batch(self, batch: TaskBatch, metrics: nn.ModuleDict) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor
 from gmeta.data.batch import SetBatch, TaskBatch
 from gmeta.meta.backend import AdaptedLogits, MetaBackend, Pass
 from gmeta.meta.config import adapted_names
+from gmeta.meta.inner_lr import EMBEDDING_SLOT, slot_of
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 from gmeta.model.gather import SetIndex, gather, set_index
 
@@ -75,6 +76,7 @@ class ReferenceBackend(MetaBackend):
                 params = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
                 rows = rows.detach().requires_grad_(inner.adapt_embeddings)
             query, support = {}, {}
+            adapted_rows = inner.row_mask(lookup.support, rows.shape[0])  # None: all
             for t in self._real_tasks(batch):
                 s_set = self._task_set(lookup.support, batch.support, t, dtype)
                 q_set = self._task_set(lookup.query, batch.query, t, dtype)
@@ -93,9 +95,14 @@ class ReferenceBackend(MetaBackend):
                         create_graph=mode.second_order,
                         retain_graph=True,
                     )
-                    fast = {k: v - inner.lr * g for (k, v), g in zip(fast.items(), grads, strict=False)}
+                    fast = {
+                        k: v - inner.lr_at(step, slot_of(k), attached=mode.training) * g
+                        for (k, v), g in zip(fast.items(), grads, strict=False)
+                    }
                     if inner.adapt_embeddings:
-                        fast_rows = fast_rows - inner.lr * grads[-1]
+                        lr_rows = inner.lr_at(step, EMBEDDING_SLOT, attached=mode.training)
+                        g_rows = grads[-1] if adapted_rows is None else grads[-1] * adapted_rows
+                        fast_rows = fast_rows - lr_rows * g_rows
                 if support_grad or t not in support:
                     support[t] = self._logits(params, rows, s_set)
                 query[t] = self._logits({**params, **fast}, fast_rows, q_set)

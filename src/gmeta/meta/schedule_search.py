@@ -6,7 +6,9 @@ new user of that bucket would be: truncated to their first k support samples (k 
 bound; the last bucket keeps each task's whole support set and only tasks that reach the bound).
 A bucket takes the setting with the best mean AUC over the cold-start states among those that do
 not lower any state's AUC below no adaptation by more than ``tolerance``: so adaptation is chosen
-only where it helps on validation, at every k ("adaptation that never hurts").
+only where it helps on validation, at every k ("adaptation that never hurts"). With ``per_state``,
+each cold-start state also gets its own buckets, chosen by its own AUC under the same rule (from the
+same pass: every state's AUC of every grid point is measured anyway).
 
 The meta-learner and the fine-tuned plain baseline are tuned by the same grid on the same split,
 which is what makes their comparison fair (``scripts/compare.py``). One pass over the validation
@@ -44,6 +46,7 @@ class SearchSpace:
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
     groups: tuple[tuple[str, ...], ...] = (("bottom", "top"), ("top",))
     tolerance: float = 0.0
+    per_state: bool = False
 
     def __post_init__(self) -> None:
         sizes = list(self.support_sizes)
@@ -68,6 +71,7 @@ class SearchSpace:
             lrs=tuple(float(x) for x in cfg.get("lrs", cls.lrs)),
             groups=tuple(tuple(g) for g in cfg.get("groups", cls.groups)),
             tolerance=float(cfg.get("tolerance", cls.tolerance)),
+            per_state=bool(cfg.get("per_state", cls.per_state)),
         )
 
 
@@ -103,7 +107,8 @@ def search_schedule(
     """Choose a schedule for ``model`` on ``batches`` (the validation split).
 
     Returns the schedule and one record per (bucket, setting): ``{"min_support", "setting",
-    "mean_auc", "chosen", <state>: auc, ...}`` (what the log and the report show).
+    "mean_auc", "chosen", "chosen_for" (the states that took it, with ``per_state``), <state>: auc,
+    ...}`` (what the log and the report show).
     """
     was_training = model.training
     model.eval()
@@ -127,11 +132,20 @@ def search_schedule(
                     metrics[(k, i)].update(logits, q.label, q.mask, view.state, tasks)
     finally:
         model.train(was_training)
-    entries, records = [], []
+    entries: list[ScheduleEntry] = []
+    by_state: dict[str, list[ScheduleEntry]] = {}
+    records = []
     for k in sizes:
         results = [(setting, metrics[(k, i)].compute()) for i, setting in enumerate(grid)]
         chosen, _ = choose(results, space.tolerance)
         entries.append(ScheduleEntry(k, chosen))
+        chosen_for: dict[InnerSetting, list[str]] = {}
+        if space.per_state:
+            states = [s for s, v in results[0][1].items() if not math.isnan(v["auc"])]
+            for state in states:
+                mine, _ = choose([(setting, {state: r[state]}) for setting, r in results], space.tolerance)
+                by_state.setdefault(state, []).append(ScheduleEntry(k, mine))
+                chosen_for.setdefault(mine, []).append(state)
         for setting, per_state in results:
             records.append(
                 {
@@ -139,9 +153,10 @@ def search_schedule(
                     "setting": setting.label(),
                     "mean_auc": _mean_auc(per_state),
                     "chosen": setting == chosen,
+                    "chosen_for": chosen_for.get(setting, []),
                     **{s: v["auc"] for s, v in per_state.items()},
                 }
             )
-    schedule = AdaptationSchedule(tuple(entries))
+    schedule = AdaptationSchedule(tuple(entries), {s: tuple(e) for s, e in by_state.items()})
     log.info("adaptation schedule chosen on validation: %s", schedule.describe())
     return schedule, records

@@ -21,6 +21,7 @@ from torch.func import grad, vmap
 from gmeta.data.batch import SetBatch, TaskBatch
 from gmeta.meta.backend import AdaptedLogits, MetaBackend, Pass
 from gmeta.meta.config import adapted_names
+from gmeta.meta.inner_lr import EMBEDDING_SLOT, slot_of
 from gmeta.meta.losses import masked_bce
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 from gmeta.model.gather import SetIndex, gather, set_index
@@ -59,7 +60,7 @@ class VmapBackend(MetaBackend):
         r = rows if mode.second_order else rows.detach()
         # Evaluation usually runs under no_grad; the inner loop needs gradients.
         with torch.enable_grad():
-            fast, fast_rows, support = self._adapt(p, r, names, lookup.support, batch.support)
+            fast, fast_rows, support = self._adapt(p, r, names, lookup.support, batch.support, mode)
         if mode is Pass.FIRST_ORDER:
             # Straight-through: value of the adapted weights, gradient of the identity to params/rows.
             fast = {k: params[k] + (v - params[k].detach()) for k, v in fast.items()}
@@ -77,16 +78,21 @@ class VmapBackend(MetaBackend):
         return AdaptedLogits(query, support)
 
     def _adapt(
-        self, p: dict[str, Tensor], r: Tensor, names: list[str], idx: LocalIndex, s: SetBatch
+        self, p: dict[str, Tensor], r: Tensor, names: list[str], idx: LocalIndex, s: SetBatch, mode: Pass
     ) -> tuple[dict[str, Tensor], Tensor | None, Tensor]:
         """Every task's inner loop at once: (T, *shape) fast weights, (T, U, d) fast rows (or None),
         and the (T, S) support logits at the shared weights (detached)."""
-        model, lr, steps, adapt_rows = (
-            self.model,
-            self.inner.lr,
-            self.inner.steps,
-            self.inner.adapt_embeddings,
-        )
+        inner = self.inner
+        model, steps, adapt_rows = self.model, inner.steps, inner.adapt_embeddings
+        # the rates per step and slot (learned ones attached in training, also in first order)
+        lrs = [
+            {k: inner.lr_at(step, slot_of(k), attached=mode.training) for k in names}
+            | {EMBEDDING_SLOT: inner.lr_at(step, EMBEDDING_SLOT, attached=mode.training)}
+            for step in range(steps)
+        ]
+        adapted_rows = inner.row_mask(idx, r.shape[0])  # None: every looked-up row adapts
+        # first order: the inner gradients are constants (learned rates still get d fast / d lr = -g)
+        constant_grads = mode is Pass.FIRST_ORDER
         shared = {k: v for k, v in p.items() if k not in names}
         init = {k: p[k] for k in names}
 
@@ -104,10 +110,16 @@ class VmapBackend(MetaBackend):
             for step in range(steps):
                 if adapt_rows:
                     (g, g_rows), logits = grad(task_loss, argnums=(0, 1), has_aux=True)(fast, fast_rows, data)
-                    fast_rows = fast_rows - lr * g_rows
+                    if constant_grads:
+                        g_rows = g_rows.detach()
+                    if adapted_rows is not None:
+                        g_rows = g_rows * adapted_rows
+                    fast_rows = fast_rows - lrs[step][EMBEDDING_SLOT] * g_rows
                 else:
                     g, logits = grad(task_loss, has_aux=True)(fast, fast_rows, data)
-                fast = {k: fast[k] - lr * g[k] for k in fast}
+                if constant_grads:
+                    g = {k: v.detach() for k, v in g.items()}
+                fast = {k: fast[k] - lrs[step][k] * g[k] for k in fast}
                 if step == 0:
                     logits0 = logits
             return (fast, logits0, fast_rows) if adapt_rows else (fast, logits0)

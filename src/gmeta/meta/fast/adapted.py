@@ -1,9 +1,11 @@
 """The towers at each task's adapted weights: forward of a set, and the inner loop's backward by hand.
 
-A layer adapted by k inner steps is ``W - lr * sum_j D_j^T X_j``; ``State`` keeps either those
+A layer adapted by k inner steps is ``W - sum_j lr_j D_j^T X_j``; ``State`` keeps either those
 factors (low rank: the layer's output is the shared product plus a small per-task correction) or,
-when cheaper, per-task weights (``materialize_layer``). ``inner_backward`` is the support loss's
-backward through the towers written as ordinary tensor ops, so second-order MAML differentiates it
+when cheaper, per-task weights (``materialize_layer``). With one inner lr for every layer and step
+the factors are stored as they are and the correction applies the lr; with learned rates
+(``gmeta.meta.inner_lr``) each step's D is stored multiplied by its own rate. ``inner_backward`` is
+the support loss's backward through the towers written as ordinary tensor ops, so second-order MAML differentiates it
 with one plain ``loss.backward()``.
 """
 
@@ -24,17 +26,26 @@ Factors = tuple[Tensor, Tensor]  # X (T, R, in), D (T, R, out)
 class State:
     """What the inner loop has learned so far.
 
+    factor_lr: the rate the low-rank correction applies to the stored factors: the inner lr, or 1.0
+        when each step's D is stored already multiplied by its own (learned, tensor) rate.
     factors: per low-rank adapted layer (index into bottom + top), the stacked (X, D) of all steps.
     weights: per materialized layer, the (T, out, in) weights and (T, out) biases of the tasks.
     row_delta: (C + 1, d) deltas of the tasks' own rows (``TaskRows``).
     """
 
+    factor_lr: float = 0.0
     factors: dict[int, Factors] = field(default_factory=dict)
     weights: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     row_delta: Tensor | None = None
 
-    def update(self, i: int, layer: Layer, x: Tensor, d: Tensor, lr: float, materialize: bool) -> None:
-        """Add one SGD step with support inputs x (T, S, in) and output gradients d (T, S, out)."""
+    def update(
+        self, i: int, layer: Layer, x: Tensor, d: Tensor, lr: float | Tensor, materialize: bool
+    ) -> None:
+        """Add one SGD step at rate ``lr`` with support inputs x (T, S, in) and output gradients
+        d (T, S, out)."""
+        if isinstance(lr, Tensor):  # a learned rate: it goes into D (factor_lr is 1)
+            assert self.factor_lr == 1.0, "learned rates need State(factor_lr=1.0)"
+            d, lr = d * lr, 1.0
         if not materialize:
             self.factors[i] = _grow(self.factors.get(i), (x, d))
             return
@@ -50,7 +61,7 @@ def materialize_layer(layer: Layer, rows: int) -> bool:
     return rows * (in_f + out_f) > 2 * in_f * out_f
 
 
-def linear(x: Tensor, layer: Layer, st: State, i: int, lr: float) -> Tensor:
+def linear(x: Tensor, layer: Layer, st: State, i: int) -> Tensor:
     """(T, M, in) -> (T, M, out) at each task's adapted weights (the shared ones if not adapted)."""
     T, M, _ = x.shape
     if i in st.weights:
@@ -61,10 +72,10 @@ def linear(x: Tensor, layer: Layer, st: State, i: int, lr: float) -> Tensor:
         return torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()).view(T, M, -1)
     z = unsafe_view(torch.addmm(layer.bias, x.reshape(T * M, -1), layer.weight.t()), (T, M, -1))
     X, D = fac
-    return LowRank.apply(z, x, X, D, lr, True)
+    return LowRank.apply(z, x, X, D, st.factor_lr, True)
 
 
-def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float, cols: int | None) -> Tensor:
+def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, cols: int | None) -> Tensor:
     """(T, S, out) output gradients -> (T, S, cols) gradients w.r.t. the first ``cols`` inputs."""
     T, S, _ = delta.shape
     if i in st.weights:
@@ -78,7 +89,7 @@ def linear_input_grad(delta: Tensor, layer: Layer, st: State, i: int, lr: float,
     X, D = fac
     if cols is not None:
         X = X[..., :cols]
-    return LowRank.apply(g, delta, D, X, lr, False)
+    return LowRank.apply(g, delta, D, X, st.factor_lr, False)
 
 
 @dataclass
@@ -108,7 +119,6 @@ def interaction(tw: Towers, bottom_out: Tensor | None, emb: Tensor) -> tuple[Ten
 def forward_set(
     tw: Towers,
     st: State,
-    lr: float,
     emb: Tensor,
     dense: Tensor,
     feats: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
@@ -123,7 +133,7 @@ def forward_set(
             h = dense
             for i, layer in enumerate(tw.bottom):
                 bottom_in.append(h)
-                h = torch.relu(linear(h, layer, st, i, lr))
+                h = torch.relu(linear(h, layer, st, i))
             bottom_out = h
         x, vecs = interaction(tw, bottom_out, emb)
     else:
@@ -131,7 +141,7 @@ def forward_set(
     top_in = []
     for j, layer in enumerate(tw.top):
         top_in.append(x)
-        x = linear(x, layer, st, n_bottom + j, lr)
+        x = linear(x, layer, st, n_bottom + j)
         if j < len(tw.top) - 1:
             x = torch.relu(x)
     return Cache(bottom_in, bottom_out, emb, top_in, x.squeeze(-1), vecs)
@@ -146,7 +156,7 @@ class InnerGrads:
     emb: Tensor | None
 
 
-def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, need_emb: bool) -> InnerGrads:
+def inner_backward(tw: Towers, st: State, c: Cache, dlogit: Tensor, need_emb: bool) -> InnerGrads:
     """Backward of the support loss through the towers, by hand, down to the lowest adapted layer."""
     n_bottom = len(tw.bottom)
     need_bottom = any(x.adapted for x in tw.bottom)
@@ -163,7 +173,7 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
         if j > 0:
             if not (lower_top_adapted or go_below_top):
                 break
-            g = linear_input_grad(delta, layer, st, i, lr, None)
+            g = linear_input_grad(delta, layer, st, i, None)
             delta = relu_grad(g, c.top_in[j])
             continue
         if not go_below_top:
@@ -171,10 +181,10 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
         d = tw.dim
         n = tw.n_vec
         if need_emb:
-            g_feat = linear_input_grad(delta, layer, st, i, lr, None)
+            g_feat = linear_input_grad(delta, layer, st, i, None)
         else:  # only what reaches the bottom output: its d direct columns (+ its n-1 dot pairs)
             cols = d if tw.interaction == "concat" else d + n - 1
-            g_feat = linear_input_grad(delta, layer, st, i, lr, cols)
+            g_feat = linear_input_grad(delta, layer, st, i, cols)
         T, S = g_feat.shape[:2]
         g_bottom = None
         if tw.interaction == "concat":
@@ -207,7 +217,7 @@ def inner_backward(tw: Towers, st: State, lr: float, c: Cache, dlogit: Tensor, n
                     out[i] = (c.bottom_in[i], delta)
                 if i == 0 or not any(x.adapted for x in tw.bottom[:i]):
                     break
-                g = linear_input_grad(delta, layer, st, i, lr, None)
+                g = linear_input_grad(delta, layer, st, i, None)
                 delta = relu_grad(g, c.bottom_in[i])
     return InnerGrads(out, g_emb)
 

@@ -21,6 +21,7 @@ from gmeta.meta.fast.adapted import (
 )
 from gmeta.meta.fast.rows import TaskRows, cat_sets, emb_position_grads, task_rows
 from gmeta.meta.fast.towers import Towers
+from gmeta.meta.inner_lr import EMBEDDING_SLOT
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 from gmeta.model.gather import SetIndex, gather, gather_sets, set_index
 
@@ -64,10 +65,11 @@ def _inner_loop(
     tr: TaskRows | None,
     sup: SetBatch,
     *,
+    inner: InnerLoop,
     steps: int,
-    lr: float,
     second_order: bool,
     attach_s0: bool,
+    train_rates: bool,
 ) -> tuple[State, Tensor | None]:
     """``steps`` SGD steps on every task's support set: the learned ``State`` and the support logits
     at the shared weights (attached to ``tw`` when ``attach_s0``).
@@ -81,11 +83,14 @@ def _inner_loop(
         inner_rows: the looked-up rows as the inner loop sees them.
         e_s0: (T, S, F, d) support embeddings at the shared rows.
         tr: the tasks' own adapted rows (``adapt_embeddings``), or None.
+        inner: the inner loop's settings (its rate per step and layer: ``InnerLoop.lr_at``).
+        train_rates: record the updates for the learned rates' gradients (training; first order too).
     """
     dtype = e_s0.dtype
     fs = s_ix.sparse.shape[-1]
     s_dense = sup.dense.to(dtype)
-    st = State()
+    learned = inner.learned is not None
+    st = State(factor_lr=1.0 if learned else inner.lr)
     layers = inner_tw.bottom + inner_tw.top
     S = sup.mask.shape[1]
     materialized = {i for i, x in enumerate(layers) if x.adapted and materialize_layer(x, steps * S)}
@@ -100,7 +105,7 @@ def _inner_loop(
         with grad_ctx:
             if k == 0:
                 e_s = e_s0
-                c = forward_set(tw if attach_s0 else inner_tw, st, lr, e_s, s_dense)
+                c = forward_set(tw if attach_s0 else inner_tw, st, e_s, s_dense)
                 support_logits = c.logits
                 if not second_order and attach_s0:
                     c = _detach_cache(c)
@@ -114,17 +119,20 @@ def _inner_loop(
                     e_s = e_s0 + gather(st.row_delta, tr.support)
                 if not second_order:
                     e_s = e_s.detach()
-                c = forward_set(inner_tw, st, lr, e_s, s_dense, s_feats)
+                c = forward_set(inner_tw, st, e_s, s_dense, s_feats)
         with torch.enable_grad() if second_order else torch.no_grad():
             dlogit = bce_grad(c.logits, label_s, weight_s)
-            g = inner_backward(inner_tw, st, lr, c, dlogit, need_emb=tr is not None)
+            g = inner_backward(inner_tw, st, c, dlogit, need_emb=tr is not None)
+        with torch.enable_grad() if (second_order or train_rates) else torch.no_grad():
             for i, (x, dd) in g.layers.items():
-                st.update(i, layers[i], x, dd, lr, i in materialized)
+                st.update(i, layers[i], x, dd, inner.lr_at(k, layers[i].name), i in materialized)
             if tr is not None and g.emb is not None:
-                idx, vals = emb_position_grads(g.emb, tr.support, fs)
+                fields = inner.field_mask(g.emb.shape[-2], g.emb)  # only these fields' rows adapt
+                idx, vals = emb_position_grads(g.emb if fields is None else g.emb * fields, tr.support, fs)
                 d = e_s0.shape[-1]
                 upd = torch.zeros(tr.num + 1, d, dtype=dtype, device=e_s0.device).index_add(0, idx, vals)
-                st.row_delta = -lr * upd if st.row_delta is None else st.row_delta - lr * upd
+                step = -inner.lr_at(k, EMBEDDING_SLOT) * upd
+                st.row_delta = step if st.row_delta is None else st.row_delta + step
     return st, support_logits
 
 
@@ -148,7 +156,6 @@ def run_meta(
         support_grad: the returned support logits must carry gradients (the support loss term).
     """
     dtype = rows.dtype
-    lr = inner.lr
     second_order = mode.second_order
     track_grad = mode.training
     sup, qry = batch.support, batch.query
@@ -169,7 +176,7 @@ def run_meta(
         e_s0, e_q0 = gather_sets(rows, s_ix, q_ix)
     tr = task_rows(s_ix, q_ix, rows.shape[0]) if (inner.adapt_embeddings and steps > 0) else None
 
-    st = State()
+    st = State(factor_lr=inner.lr)
     support_logits = None
     if steps > 0:
         st, support_logits = _inner_loop(
@@ -180,14 +187,16 @@ def run_meta(
             e_s0 if e_s0 is not None else gather(rows if attach_s0 else inner_rows, s_ix),
             tr,
             sup,
+            inner=inner,
             steps=steps,
-            lr=lr,
             second_order=second_order,
             attach_s0=attach_s0,
+            # learned rates are trained in first order too: their updates are recorded
+            train_rates=track_grad and inner.learned is not None,
         )
     elif support_grad:
         e_s0 = gather(rows, s_ix) if e_s0 is None else e_s0
-        support_logits = forward_set(tw, st, lr, e_s0, s_dense).logits
+        support_logits = forward_set(tw, st, e_s0, s_dense).logits
     e_s0 = None  # what the graph needs of the support side it has saved; free the rest now
     layers = inner_tw.bottom + inner_tw.top
     # The query forward: attached params (training) with the inner loop's factors.
@@ -203,7 +212,7 @@ def run_meta(
         e_q = e_q0 if e_q0 is not None else gather(rows if track_grad else rows.detach(), q_ix)
         if tr is not None and st.row_delta is not None:
             e_q = e_q + gather(st.row_delta, tr.query)
-        cq = forward_set(q_tw, st, lr, e_q, q_dense)
+        cq = forward_set(q_tw, st, e_q, q_dense)
     return AdaptedLogits(cq.logits, support_logits)
 
 
@@ -223,7 +232,7 @@ def _detach_cache(c: Cache) -> Cache:
 def shared_logits(tw: Towers, rows: Tensor, idx: LocalIndex, s: SetBatch) -> Tensor:
     """(T, M) logits of one set at the shared weights."""
     emb = gather(rows, set_index(idx, rows.dtype))
-    return forward_set(tw, State(), 0.0, emb, s.dense.to(rows.dtype)).logits
+    return forward_set(tw, State(), emb, s.dense.to(rows.dtype)).logits
 
 
 @_in_autocast_dtype
@@ -235,5 +244,5 @@ def plain_logits(
     ix = cat_sets(set_index(lookup.support, dtype), set_index(lookup.query, dtype))
     S = batch.support.mask.shape[1]
     dense = torch.cat([batch.support.dense, batch.query.dense], dim=1).to(dtype)
-    logits = forward_set(tw, State(), 0.0, gather(rows, ix), dense).logits
+    logits = forward_set(tw, State(), gather(rows, ix), dense).logits
     return logits[:, :S], logits[:, S:]

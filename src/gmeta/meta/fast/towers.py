@@ -18,11 +18,13 @@ from gmeta.model.dlrm import DLRM
 
 @dataclass
 class Layer:
-    """One linear layer: ``weight`` (out, in), ``bias`` (out,), whether the inner loop adapts it."""
+    """One linear layer: ``weight`` (out, in), ``bias`` (out,), whether the inner loop adapts it, and
+    its module name (``top.0``: its slot of learned inner learning rates, ``gmeta.meta.inner_lr``)."""
 
     weight: Tensor
     bias: Tensor
     adapted: bool
+    name: str = ""
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Towers:
 
     def _map(self, f: Callable[[Tensor], Tensor]) -> Towers:
         def each(layers: list[Layer]) -> list[Layer]:
-            return [Layer(f(x.weight), f(x.bias), x.adapted) for x in layers]
+            return [Layer(f(x.weight), f(x.bias), x.adapted, x.name) for x in layers]
 
         return Towers(
             each(self.bottom), each(self.top), self.interaction, self.dim, self.num_fields, self.pairs
@@ -95,7 +97,7 @@ def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tupl
 
     def layers(names: list[str], group: str) -> list[Layer]:
         get = lambda k: params[k] if k in params else own[k]  # noqa: E731
-        return [Layer(get(f"{p}.weight"), get(f"{p}.bias"), group in adapt_groups) for p in names]
+        return [Layer(get(f"{p}.weight"), get(f"{p}.bias"), group in adapt_groups, p) for p in names]
 
     pairs = None
     if model.interaction == "dot":
