@@ -60,3 +60,54 @@ def test_anil_may_adapt_the_task_rows_with_the_top_tower():
     assert cfg.adapts and cfg.adapt_groups == ("top",)
     assert not MetaConfig("maml", inner_steps=0).adapts
     assert not MetaConfig("maml", adapt_groups=()).adapts
+
+
+# -- the LightningModule's cold-start options ---------------------------------------------------
+
+SCHEMA = {
+    "task_key": "user",
+    "label": "rating",
+    "time": None,
+    "fields": [
+        {"name": "user", "kind": "sparse", "vocab_size": 5, "max_len": 1},
+        {"name": "item", "kind": "sparse", "vocab_size": 7, "max_len": 1},
+        {"name": "genre", "kind": "multi_hot", "vocab_size": 4, "max_len": 3},
+        {"name": "d0", "kind": "dense"},
+    ],
+}
+
+
+def module(**kwargs):
+    from gmeta.meta.module import MetaDLRMModule
+
+    meta = {"name": "maml", "inner_steps": 2, **kwargs.pop("meta", {})}
+    return MetaDLRMModule(schema=SCHEMA, meta=meta, embedding_dim=4, bottom_mlp=(4,), top_mlp=(4,), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            {"id_dropout": {"movie": 0.3}},
+            r"model.id_dropout: 'movie' is not a sparse field.*\['user', 'item'\]",
+        ),
+        ({"id_dropout": {"genre": 0.3}}, "'genre' is not a sparse field"),  # multi-hot: no single id
+        ({"id_dropout": {"item": 1.5}}, r"model.id_dropout.item must be in \[0, 1\], got 1.5"),
+        (
+            {"meta": {"adapt_embeddings": True, "adapt_embedding_fields": ["movie"]}},
+            r"meta.adapt_embedding_fields \['movie'\] are not id fields.*\['user', 'item', 'genre'\]",
+        ),
+    ],
+)
+def test_module_options_name_what_is_wrong(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        module(**kwargs)
+
+
+def test_learned_inner_rates_are_trained_and_checkpointed_with_the_towers():
+    m = module(meta={"learn_inner_lr": True, "inner_lr": 0.2})
+    assert m.inner_lrs is not None and m.inner_lrs.values.shape == (2, len(m.inner_lrs.slots))
+    optimized = {id(p) for group in m.configure_optimizers().param_groups for p in group["params"]}
+    assert id(m.inner_lrs.values) in optimized
+    assert "inner_lrs.values" in m.state_dict()
+    assert module().inner_lrs is None and "inner_lrs.values" not in module().state_dict()
