@@ -74,7 +74,12 @@ class InnerLoop:
         embedding_fields: tuple[int, ...] | None = None,
     ) -> InnerLoop:
         return cls(
-            cfg.inner_steps, cfg.inner_lr, cfg.groups, cfg.adapt_embeddings, learned, 1.0, embedding_fields
+            cfg.inner_steps,
+            cfg.inner_lr,
+            cfg.groups,
+            cfg.adapt_embeddings,
+            learned=learned,
+            embedding_fields=embedding_fields,
         )
 
     def field_mask(self, num_fields: int, like: Tensor) -> Tensor | None:

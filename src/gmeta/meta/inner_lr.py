@@ -5,7 +5,7 @@ that can adapt (a "slot": a Linear layer of the towers, or the embedding rows) g
 each inner step, initialised to ``meta.inner_lr`` and trained by the outer loop like any dense
 parameter (its gradient flows through the adapted weights ``W - lr_{step, layer} * grad``). Every
 backend reads the rates through ``InnerLoop.lr_at(step, slot)``, so the fast closed-form path, vmap
-and the per-task reference compute the same numbers (tests/unit/test_fast_inner.py).
+and the per-task reference compute the same numbers (tests/unit/test_learned_inner_lr.py).
 
 An evaluation inner loop with more steps than were trained reuses the last trained step's rates; an
 adaptation schedule's setting scales them by ``setting.lr / meta.inner_lr`` (``gmeta.meta.learner``).

@@ -168,9 +168,9 @@ class MetaLearner:
                 setting.lr,
                 setting.groups,
                 self.cfg.adapt_embeddings,
-                self.inner_lrs,
-                scale,
-                self.embedding_fields,
+                learned=self.inner_lrs,
+                lr_scale=scale,
+                embedding_fields=self.embedding_fields,
             )
             self._setting_backends[setting] = make_backend(self.model, self.cfg, inner)
         return self._setting_backends[setting]

@@ -5,8 +5,8 @@ factors (low rank: the layer's output is the shared product plus a small per-tas
 when cheaper, per-task weights (``materialize_layer``). With one inner lr for every layer and step
 the factors are stored as they are and the correction applies the lr; with learned rates
 (``gmeta.meta.inner_lr``) each step's D is stored multiplied by its own rate. ``inner_backward`` is
-the support loss's backward through the towers written as ordinary tensor ops, so second-order MAML differentiates it
-with one plain ``loss.backward()``.
+the support loss's backward through the towers written as ordinary tensor ops, so second-order MAML
+differentiates it with one plain ``loss.backward()``.
 """
 
 from __future__ import annotations
