@@ -50,9 +50,9 @@ CONFIG_CASES: list[ConfigCase] = [
     ),
     ConfigCase(
         "bad-policy",
-        "max_interactions_policy that is neither drop nor window",
+        "max_interactions_policy that is none of drop, window, train_window",
         ("data.task_config.max_interactions_policy=cut",),
-        r"max_interactions_policy must be one of \('drop', 'window'\), got 'cut'",
+        r"max_interactions_policy must be one of \('drop', 'window', 'train_window'\), got 'cut'",
     ),
     ConfigCase(
         "bad-threshold",

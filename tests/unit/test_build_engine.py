@@ -80,6 +80,7 @@ def _reference(source, cfg: TaskConfig, out: Path, seed: int = 0, tasks_per_shar
             max_interactions_policy="window",
             query_selection="random",
         ),
+        dict(min_interactions=8, max_interactions=15, query_size=4, max_interactions_policy="train_window"),
     ],
 )
 def test_one_partition_is_byte_identical_to_the_reference(tmp_path, ml_synthetic_source, cfg):
@@ -98,7 +99,7 @@ def test_one_partition_is_byte_identical_to_the_reference(tmp_path, ml_synthetic
     assert digests == {s: [x["sha256"] for x in read_manifest(tmp_path / "new").shards(s)] for s in SPLITS}
 
 
-@pytest.mark.parametrize("policy", ["drop", "window"])
+@pytest.mark.parametrize("policy", ["drop", "window", "train_window"])
 def test_many_partitions_and_a_process_pool_give_the_same_tasks(
     tmp_path, ml_synthetic_source, small_task_config, policy
 ):
@@ -106,7 +107,7 @@ def test_many_partitions_and_a_process_pool_give_the_same_tasks(
         **{**small_task_config.to_dict(), "max_interactions_policy": policy, "max_interactions": 20}
     )
     ref = _reference(ml_synthetic_source, cfg, tmp_path / "ref")
-    if policy == "window":
+    if policy != "drop":
         assert read_manifest(ref).data["filtered"]["window_remainder"]["tasks"] > 0
         assert any("/w" in r for s in SPLITS for r in [x[1] for x in _tasks(ref) if x[0] == s])
     manifest = build_shards(

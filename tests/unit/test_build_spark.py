@@ -250,14 +250,15 @@ def test_spark_names_in_memory_bad_values_like_the_reference(spark, tmp_path, ml
                 prepare_shards(_Frame(frame, sch), cfg, tmp_path / f"out{i}_{engine}", engine=engine)
 
 
-def test_spark_windows_duplicates_and_auto_labels_like_duckdb(spark, tmp_path):
-    """max_interactions_policy=window, the duplicate report and label_threshold=auto."""
+@pytest.mark.parametrize("policy", ["window", "train_window"])
+def test_spark_windows_duplicates_and_auto_labels_like_duckdb(spark, tmp_path, policy):
+    """max_interactions_policy=window / train_window, the duplicate report and label_threshold=auto."""
     sizes = [3, 5, 16, 16, 30, 45, 95]  # too few (3, 5); 45 and 95 cut into windows of 40
     df = _clicks(n_users=1, per_user=sum(sizes))
     df["uid"] = np.repeat([f"u{i}" for i in range(len(sizes))], sizes)
     df = pd.concat([df.iloc[:40], df.iloc[[7, 7, 30]], df.iloc[40:]], ignore_index=True)  # rows 40, 41, 42
     source = _write(tmp_path, df)
-    cfg = TaskConfig(label_threshold="auto", max_interactions_policy="window", **CLICK_CFG)
+    cfg = TaskConfig(label_threshold="auto", max_interactions_policy=policy, **CLICK_CFG)
     for engine in ("duckdb", "spark"):
         prepare_shards(source, cfg, tmp_path / engine, engine=engine, build_options={"workers": 1})
     _assert_same_tasks(tmp_path / "duckdb", tmp_path / "spark")

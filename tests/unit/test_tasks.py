@@ -238,6 +238,52 @@ def test_window_policy_cuts_long_histories_into_consecutive_windows(ml_table):
     assert not users["val"] & users["test"]  # all windows of a user on one side
 
 
+def test_train_window_policy_keeps_the_drop_protocols_evaluation_and_trains_long_warm_histories(ml_table):
+    """train_window == drop on val and test (same tasks, same rows); train == drop's train plus the
+    windows of every long warm history, whole (no hold-out); long cold histories dropped."""
+    df, schema = ml_table
+    common = dict(min_interactions=8, max_interactions=15, query_size=4)
+    drop = build_tasks(df, schema, TaskConfig(**common, max_interactions_policy="drop"))
+    window = build_tasks(df, schema, TaskConfig(**common, max_interactions_policy="window"))
+    train_window = build_tasks(df, schema, TaskConfig(**common, max_interactions_policy="train_window"))
+
+    def is_window(tid):  # <key>/<state>/w<i>
+        return tid.count("/") == 2
+
+    def rows(sp, split, windows):
+        return {
+            tid: np.r_[sup, qry].tolist()
+            for tid, (sup, qry) in sp.rows[split].items()
+            if is_window(tid) == windows
+        }
+
+    for split in ("val", "test"):
+        assert train_window.rows[split].keys() == drop.rows[split].keys()
+        for tid, (sup, qry) in drop.rows[split].items():
+            got_sup, got_qry = train_window.rows[split][tid]
+            assert got_sup.tolist() == sup.tolist() and got_qry.tolist() == qry.tolist()
+    assert rows(train_window, "train", False) == rows(drop, "train", False)
+    long_warm = {tid for tid in window.rows["train"] if is_window(tid)}
+    assert long_warm and {tid for tid in train_window.rows["train"] if is_window(tid)} == long_warm
+    # a window trains on every row of its window: nothing held out for warm evaluation (under window,
+    # an evaluation task's support rows train too, its query rows do not)
+    expected = {tid: set(r) for tid, r in rows(window, "train", True).items()}
+    for split in ("val", "test"):
+        for tid, r in rows(window, split, True).items():
+            if tid.split("/")[1] == "warm":
+                expected[tid] |= set(r)
+    got = rows(train_window, "train", True)
+    assert {tid: set(r) for tid, r in got.items()} == expected
+    assert all(len(r) == len(set(r)) for r in got.values())
+    assert all(tid.split("/")[1] == "warm" for tid in long_warm)
+    cold_long = drop.stats["filtered"]["too_many_interactions"]["tasks"] - len(
+        {tid.rsplit("/", 1)[0] for tid in long_warm}
+    )
+    assert cold_long > 0  # the fixture has long cold histories, and train_window drops them
+    assert train_window.stats["filtered"]["too_many_interactions"]["tasks"] == cold_long
+    assert train_window.stats["warm_eval_held_out"] == drop.stats["warm_eval_held_out"]
+
+
 def test_window_bounds_and_task_ids():
     from gmeta.data.tasks import task_id, window_bounds
 
@@ -248,7 +294,8 @@ def test_window_bounds_and_task_ids():
 
 def test_task_config_rejects_bad_policy_and_threshold():
     with pytest.raises(
-        ValueError, match=r"max_interactions_policy must be one of \('drop', 'window'\), got 'cut'"
+        ValueError,
+        match=r"max_interactions_policy must be one of \('drop', 'window', 'train_window'\), got 'cut'",
     ):
         TaskConfig(max_interactions_policy="cut")
     with pytest.raises(ValueError, match="label_threshold must be a number, 'auto'"):

@@ -19,6 +19,11 @@ Long histories (more than ``max_interactions``) follow ``max_interactions_policy
   dropped (reason ``window_remainder``). Task ids: ``<key>/<state>`` for a whole history,
   ``<key>/<state>/w<i>`` for window ``i`` (0 = the oldest, the remainder) of a long one; windows of
   one key all go to the same evaluation split. See ``window_bounds`` / ``task_id``.
+* ``train_window``: long *warm* histories are cut into windows as under ``window``, and every window
+  goes to train whole (no warm-evaluation hold-out); long cold histories are dropped as under
+  ``drop``. So the evaluation tasks are exactly the MeLU protocol's (``drop``), and training also
+  learns the heavy users it drops (on MovieLens-1M, 70% of the ratings): their ids, known at
+  evaluation in item_cold tasks, get trained rows instead of the OOV row.
 
 Labels: ``label = raw >= label_threshold``; ``auto`` means 0.5 and requires 0/1 labels (any other
 value is an error asking for a threshold); ``None`` keeps raw 0/1 labels. A split whose tasks hold
@@ -70,7 +75,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: max_interactions under the ``drop`` policy; the oldest window of a long history under ``window``
 #: when it is shorter than min_interactions
 FILTER_REASONS: tuple[str, ...] = ("too_few_interactions", "too_many_interactions", "window_remainder")
-MAX_INTERACTIONS_POLICIES: tuple[str, ...] = ("drop", "window")
+MAX_INTERACTIONS_POLICIES: tuple[str, ...] = ("drop", "window", "train_window")
 
 
 def auto_threshold_error(label: str, value: float, where: str) -> SchemaError:
@@ -123,11 +128,14 @@ def filter_rules(cfg: TaskConfig) -> dict[str, str]:
     return {
         "too_few_interactions": f"(key, state) history shorter than min_interactions={cfg.min_interactions}",
         "too_many_interactions": (
-            f"history longer than max_interactions={cfg.max_interactions} (max_interactions_policy=drop)"
+            f"history longer than max_interactions={cfg.max_interactions} "
+            f"(max_interactions_policy={cfg.max_interactions_policy}"
+            + (", cold states" if cfg.max_interactions_policy == "train_window" else "")
+            + ")"
         ),
         "window_remainder": (
             f"oldest window of a history longer than max_interactions={cfg.max_interactions}, shorter than "
-            f"min_interactions={cfg.min_interactions} (max_interactions_policy=window)"
+            f"min_interactions={cfg.min_interactions} (max_interactions_policy={cfg.max_interactions_policy})"
         ),
     }
 
@@ -140,8 +148,9 @@ class TaskConfig:
         label_threshold: label = (raw label >= threshold); ``"auto"``: 0.5, for 0/1 labels only (other
             labels are an error asking for a threshold); None keeps raw labels, which must be 0/1.
         min_interactions / max_interactions: keep a (user, state) task only within this range.
-        max_interactions_policy: a longer history is dropped (``drop``) or cut into windows of
-            ``max_interactions`` (``window``; see the module docstring).
+        max_interactions_policy: a longer history is dropped (``drop``), cut into windows of
+            ``max_interactions`` (``window``), or cut into training-only windows if warm and dropped
+            if cold (``train_window``); see the module docstring.
         query_size: query samples per task; the rest is the support set.
         query_selection: ``last`` (the latest ``query_size`` by time) or ``random`` (seeded).
         task_key: column grouping tasks; None uses the schema's task key.
@@ -156,7 +165,7 @@ class TaskConfig:
     label_threshold: float | str | None = 4.0
     min_interactions: int = 13
     max_interactions: int = 100
-    max_interactions_policy: Literal["drop", "window"] = "drop"
+    max_interactions_policy: Literal["drop", "window", "train_window"] = "drop"
     query_size: int = 10
     query_selection: Literal["last", "random"] = "last"
     task_key: str | None = None
@@ -209,6 +218,17 @@ class TaskConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def windows(self, state: str) -> bool:
+        """Whether a history of ``state`` longer than ``max_interactions`` is cut into windows
+        (else it is dropped)."""
+        policy = self.max_interactions_policy
+        return policy == "window" or (policy == "train_window" and state == "warm")
+
+    def holds_out(self, window: int) -> bool:
+        """Whether a long-enough warm task (window ``window``; -1: a whole history) yields a warm
+        evaluation task; under ``train_window`` windows are training data only."""
+        return self.warm_eval and not (self.max_interactions_policy == "train_window" and window >= 0)
 
 
 @dataclass
@@ -396,13 +416,13 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
             drop("too_few_interactions", size)
             continue
         pieces = [(-1, history)]  # (window index, rows): the whole history is one task
+        st = STATES[state[history[0]]]
         if size > cfg.max_interactions:
-            if cfg.max_interactions_policy == "drop":
+            if not cfg.windows(st):
                 drop("too_many_interactions", size)
                 continue
             pieces = [(w, history[a:b]) for w, (a, b) in enumerate(window_bounds(size, cfg.max_interactions))]
         value = str(key_values[key_codes[history[0]]])
-        st = STATES[state[history[0]]]
         eval_split = "val" if stable_hash(f"{cfg.split_seed}:{value}") / 2**64 < cfg.val_fraction else "test"
         for window, rows in pieces:
             if len(rows) < cfg.min_interactions:  # only the oldest window can be this short
@@ -410,7 +430,7 @@ def build_tasks(df: pd.DataFrame, schema: Schema, cfg: TaskConfig, seed: int = 0
                 continue
             tid = task_id(value, st, window)
             if st == "warm":
-                if cfg.warm_eval and len(rows) - q >= cfg.min_interactions:
+                if cfg.holds_out(window) and len(rows) - q >= cfg.min_interactions:
                     plan[eval_split].append((tid, st, rows[:-q], rows[-q:]))
                     rows = rows[:-q]
                     held_out += 1

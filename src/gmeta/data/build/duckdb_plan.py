@@ -29,7 +29,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from gmeta.data.build.plan import PlanResult, plan_columns
+from gmeta.data.build.plan import PlanResult, plan_columns, policy_conditions
 from gmeta.data.encoder import (
     FeatureEncoder,
     bucket_ids,
@@ -322,10 +322,11 @@ class DuckDBPlanner:
         lo, hi, qs = cfg.min_interactions, cfg.max_interactions, cfg.query_size
         # one window pass: each row's position in its (key, state) history by (time, input row)
         # (pos_all) and the history's size (n_all); then its task: the whole history (win = -1), or
-        # under max_interactions_policy=window, for a history longer than hi, window win of hi rows
-        # counted back from the latest (tasks.window_bounds: the oldest window, 0, holds the
-        # remainder). pos / n: the row's position in its task and the task's size.
-        windowed = f"({str(cfg.max_interactions_policy == 'window').lower()} AND n_all > {hi})"
+        # under max_interactions_policy=window (train_window: warm histories only), for a history
+        # longer than hi, window win of hi rows counted back from the latest (tasks.window_bounds:
+        # the oldest window, 0, holds the remainder). pos / n: the row's position in its task and
+        # the task's size.
+        windowed, holds_out = policy_conditions(cfg)
         offset = f"((n_all + {hi} - 1) // {hi}) * {hi} - n_all"  # rows the oldest window lacks
         self.con.execute(
             "CREATE TEMP TABLE rows AS SELECT * EXCLUDE (w_start, w_end), pos_all - w_start AS pos, "
@@ -341,7 +342,7 @@ class DuckDBPlanner:
         )
         self._check_fields()
         kept = f"n BETWEEN {lo} AND {hi}"
-        held = f"(state = 0 AND {str(cfg.warm_eval).lower()} AND n - {qs} >= {lo} AND pos >= n - {qs})"
+        held = f"(state = 0 AND {holds_out} AND n - {qs} >= {lo} AND pos >= n - {qs})"
         train = f"state = 0 AND {kept} AND NOT {held}"
 
         reasons = {  # tasks.FILTER_REASONS
@@ -363,7 +364,7 @@ class DuckDBPlanner:
         }
 
         # labels per split: train rows, and the whole task of every evaluation task (val / test)
-        evaluated = f"{kept} AND (state <> 0 OR ({str(cfg.warm_eval).lower()} AND n - {qs} >= {lo}))"
+        evaluated = f"{kept} AND (state <> 0 OR ({holds_out} AND n - {qs} >= {lo}))"
         where = {"train": train, "val": f"{evaluated} AND is_val", "test": f"{evaluated} AND NOT is_val"}
         got = self._one(  # one pass: (rows, positives) per split
             "SELECT "

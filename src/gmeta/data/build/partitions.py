@@ -103,7 +103,7 @@ def _plan(
         tid = task_id(value, st, int(win[s]))
         eval_split = "val" if arrays["is_val"][s] else "test"
         if st == "warm":
-            if cfg.warm_eval and e - s - q >= cfg.min_interactions:
+            if cfg.holds_out(int(win[s])) and e - s - q >= cfg.min_interactions:
                 plan[eval_split].append((tid, st, rows[:-q], rows[-q:]))
                 rows = rows[:-q]
                 held_out += 1

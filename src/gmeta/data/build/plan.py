@@ -7,8 +7,8 @@ A relational engine writes the encoded rows of every kept task (size within
     code     int64    the task key's rank in sorted string order (the reference's task order)
     k        string   the task key's value (task ids: ``gmeta.data.tasks.task_id(k, state, win)``)
     state    int32    index into ``STATES`` (new user + 2 * new item)
-    win      int64    -1 for a whole (key, state) history; under max_interactions_policy=window, the
-                      window of a longer history (``gmeta.data.tasks.window_bounds``; 0 = oldest).
+    win      int64    -1 for a whole (key, state) history; under max_interactions_policy=window (or
+                      train_window, warm histories only), the window of a longer history (``gmeta.data.tasks.window_bounds``; 0 = oldest).
                       Optional: a missing column means -1 everywhere
     pos      int64    the row's position in its task (the history, or its window) by (time, input row)
     is_val   bool     the key's evaluation split: val (True) or test
@@ -26,6 +26,7 @@ from typing import Any
 
 from gmeta.data.encoder import FeatureEncoder
 from gmeta.data.schema import Schema
+from gmeta.data.tasks import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,18 @@ class PlanColumns:
     sparse: tuple[str, ...]
     multi_hot: tuple[tuple[str, ...], ...]
     dense: tuple[str, ...]
+
+
+def policy_conditions(cfg: TaskConfig) -> tuple[str, str]:
+    """SQL conditions of ``max_interactions_policy`` shared by the relational plans (columns
+    ``state``, ``n_all``, ``win``), as ``TaskConfig.windows`` / ``holds_out`` decide in the reference:
+    (the row's (key, state) history is cut into windows, the row's task may yield a warm evaluation
+    task)."""
+    every = str(cfg.max_interactions_policy == "window").lower()
+    warm_only = str(cfg.max_interactions_policy == "train_window").lower()
+    windowed = f"(({every} OR ({warm_only} AND state = 0)) AND n_all > {cfg.max_interactions})"
+    holds_out = f"({str(cfg.warm_eval).lower()} AND NOT ({warm_only} AND win >= 0))"
+    return windowed, holds_out
 
 
 def plan_columns(schema: Schema) -> PlanColumns:

@@ -42,7 +42,7 @@ import pyarrow.compute as pc
 
 from gmeta.data.build.duckdb_plan import ROW
 from gmeta.data.build.partitions import PartitionJob, write_partition
-from gmeta.data.build.plan import PlanResult, plan_columns
+from gmeta.data.build.plan import PlanResult, plan_columns, policy_conditions
 from gmeta.data.build.spark_source import NANOS_AS_LONG, first_rows, q, source_frame, value_at
 from gmeta.data.encoder import (
     FeatureEncoder,
@@ -424,11 +424,11 @@ class SparkPlanner:
         lo, hi, qs = cfg.min_interactions, cfg.max_interactions, cfg.query_size
         # one window pass: each row's position in its (key, state) history by (time, input row)
         # (pos_all) and the history's size (n_all); then its task, as in the DuckDB plan: the whole
-        # history (win = -1) or, under max_interactions_policy=window, for a history longer than hi,
-        # window win of hi rows counted back from the latest (tasks.window_bounds). pos / n: the
-        # row's position in its task and the task's size.
+        # history (win = -1) or, under max_interactions_policy=window (train_window: warm histories
+        # only), for a history longer than hi, window win of hi rows counted back from the latest
+        # (tasks.window_bounds). pos / n: the row's position in its task and the task's size.
         history = Window.partitionBy("code", "state")
-        windowed = f"({str(cfg.max_interactions_policy == 'window').lower()} AND n_all > {hi})"
+        windowed, holds_out = policy_conditions(cfg)
         offset = f"(((n_all + {hi} - 1) div {hi}) * {hi} - n_all)"  # rows the oldest window lacks
         start = f"CASE WHEN win >= 0 THEN greatest(0, win * {hi} - {offset}) ELSE 0 END"
         end = f"CASE WHEN win >= 0 THEN (win + 1) * {hi} - {offset} ELSE n_all END"
@@ -447,8 +447,7 @@ class SparkPlanner:
         )
         rows = self._persist(rows)
         kept = f"n BETWEEN {lo} AND {hi}"
-        warm_eval = str(cfg.warm_eval).lower()
-        held = f"(state = 0 AND {warm_eval} AND n - {qs} >= {lo} AND pos >= n - {qs})"
+        held = f"(state = 0 AND {holds_out} AND n - {qs} >= {lo} AND pos >= n - {qs})"
         train = f"state = 0 AND {kept} AND NOT {held}"
         reasons = {  # tasks.FILTER_REASONS, as the DuckDB plan counts them
             "too_few_interactions": f"n_all < {lo}",
@@ -456,7 +455,7 @@ class SparkPlanner:
             "window_remainder": f"win >= 0 AND n < {lo}",
         }
         # labels per split: train rows, and the whole task of every evaluation task (val / test)
-        evaluated = f"{kept} AND (state <> 0 OR ({warm_eval} AND n - {qs} >= {lo}))"
+        evaluated = f"{kept} AND (state <> 0 OR ({holds_out} AND n - {qs} >= {lo}))"
         where = {"train": train, "val": f"{evaluated} AND is_val", "test": f"{evaluated} AND NOT is_val"}
         # one pass for the field checks and every count
         checks = self._field_checks()
