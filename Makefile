@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Fetch MovieLens-1M into the git-ignored cache and build its task shards (skipped when present).
+# Fetch MovieLens-1M into the git-ignored cache and build the experiment's task shards (skipped
+# when present).
 data: setup
-	$(PY) scripts/prepare_data.py data=movielens1m
+	$(PY) scripts/prepare_data.py +experiment=$(EXPERIMENT)
 
 train: data
 	$(PY) train.py +experiment=$(EXPERIMENT) $(ARGS)
@@ -73,4 +74,4 @@ typecheck: setup
 check: lint typecheck
 
 clean-data:
-	rm -rf data/movielens1m/shards data/synthetic
+	rm -rf data/movielens1m/shards data/movielens1m_train_window data/synthetic

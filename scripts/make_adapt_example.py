@@ -25,7 +25,7 @@ ITEM_COLUMNS = ["item_id", "release_year", "genre", "year_norm"]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "movielens1m" / "shards")
+    p.add_argument("--data-dir", type=Path, default=ROOT / "data" / "movielens1m_train_window" / "shards")
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache" / "movielens")
     p.add_argument("--out", type=Path, default=ROOT / "data" / "adapt_example")
     p.add_argument("--state", default="user_cold", help="cold-start state of the test task(s)")
