@@ -252,6 +252,18 @@ def test_experiments(name: str, tmp_path) -> None:
     assert cfg.data.source._target_ == source_target
 
 
+def test_movielens_experiments_train_on_the_heavy_users_windows_in_their_own_folder(tmp_path) -> None:
+    """The experiments build train_window shards apart from data=movielens1m's (drop, the MeLU
+    protocol): a policy is part of a build, and one folder cannot hold both."""
+    default = resolve_all(train_cfg("data=movielens1m"), tmp_path)["data"]
+    assert default["task_config"]["max_interactions_policy"] == "drop"
+    for name in ("movielens_maml", "movielens_plain"):
+        data = resolve_all(train_cfg(f"+experiment={name}"), tmp_path)["data"]
+        assert data["task_config"]["max_interactions_policy"] == "train_window"
+        assert data["data_dir"].endswith("movielens1m_train_window/shards")
+        assert data["data_dir"] != default["data_dir"]
+
+
 def test_debug_fdr() -> None:
     cfg = train_cfg("debug=fdr")
     assert cfg.trainer.fast_dev_run is True
