@@ -8,8 +8,9 @@ A relational engine writes the encoded rows of every kept task (size within
     k        string   the task key's value (task ids: ``gmeta.data.tasks.task_id(k, state, win)``)
     state    int32    index into ``STATES`` (new user + 2 * new item)
     win      int64    -1 for a whole (key, state) history; under max_interactions_policy=window (or
-                      train_window, warm histories only), the window of a longer history (``gmeta.data.tasks.window_bounds``; 0 = oldest).
-                      Optional: a missing column means -1 everywhere
+                      train_window, warm histories only), the window of a longer history
+                      (``gmeta.data.tasks.window_bounds``; 0 = oldest). Optional: a missing
+                      column means -1 everywhere
     pos      int64    the row's position in its task (the history, or its window) by (time, input row)
     is_val   bool     the key's evaluation split: val (True) or test
     label    float32  the binarised label
