@@ -23,11 +23,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", action="append", help="shard folder (repeat to compare)")
+    p.add_argument(
+        "--data-dir", action="append", help="shard folder (repeat to compare; default: the experiments')"
+    )
     p.add_argument("--split", default="test", choices=["val", "test"])
     p.add_argument("--prior", type=float, default=5.0, help="pseudo-interactions at the global rate")
     args = p.parse_args(argv)
-    dirs = args.data_dir or [str(ROOT / "data" / "movielens1m" / "shards")]
+    # default: the shards `make data` builds for the experiments
+    dirs = args.data_dir or [str(ROOT / "data" / "movielens1m_train_window" / "shards")]
     results = {d: score_split(d, args.split, args.prior) for d in dirs}
     for d, by_state in results.items():
         print(f"\n{d} ({args.split} split, AUC of pooled query samples)")

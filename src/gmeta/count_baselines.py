@@ -45,6 +45,15 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def smoothed_log_odds(
+    positives: np.ndarray, counts: np.ndarray, global_rate: float, prior: float
+) -> np.ndarray:
+    """The rate ``positives / counts`` with ``prior`` pseudo-interactions at the global rate, as
+    log-odds relative to the global rate (0 where nothing was counted)."""
+    rate = (positives + prior * global_rate) / (counts + prior)
+    return _logit(rate) - _logit(global_rate)
+
+
 @dataclass
 class Rates:
     """Smoothed positive rates per id of one field (index = encoded id), counted on train samples."""
@@ -58,8 +67,7 @@ class Rates:
 
     def log_odds(self, ids: np.ndarray, global_rate: float, prior: float) -> np.ndarray:
         """Smoothed rate of each id as log-odds relative to the global rate (0 for unseen ids)."""
-        rate = (self.positives[ids] + prior * global_rate) / (self.counts[ids] + prior)
-        return _logit(rate) - _logit(global_rate)
+        return smoothed_log_odds(self.positives[ids], self.counts[ids], global_rate, prior)
 
 
 def _records(schema: Schema, paths: Iterable[Path]) -> Iterator[TaskRecord]:
@@ -76,7 +84,7 @@ class QuerySamples:
     user: np.ndarray
     item: np.ndarray
     genres: np.ndarray  # (N, L) genre ids, -1 = padding
-    support_rate: np.ndarray  # the task's support positive rate and size
+    support_positives: np.ndarray  # the task's support positives and size, per query sample
     support_size: np.ndarray
 
 
@@ -122,8 +130,7 @@ def score_split(
     genre_terms = np.where(q.genres >= 0, genres.log_odds(np.maximum(q.genres, 0), global_rate, prior), 0.0)
     genre_part = genre_terms.sum(1) / np.maximum((q.genres >= 0).sum(1), 1)
     item_or_genre = np.where(q.item > 0, item_part, genre_part)
-    support_part = _logit((q.support_rate * q.support_size + prior * global_rate) / (q.support_size + prior))
-    support_part = support_part - _logit(global_rate)
+    support_part = smoothed_log_odds(q.support_positives, q.support_size, global_rate, prior)
     scores = {
         "user": user_part,
         "item": item_part,
@@ -148,7 +155,7 @@ def score_split(
 
 def _query_samples(schema: Schema, paths: Iterable[Path], u: int, i: int, g: int) -> QuerySamples:
     cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("state", "label", "user", "item", "genres", "rate", "size")
+        k: [] for k in ("state", "label", "user", "item", "genres", "positives", "size")
     }
     for rec in _records(schema, paths):
         a = rec.arrays
@@ -159,7 +166,7 @@ def _query_samples(schema: Schema, paths: Iterable[Path], u: int, i: int, g: int
         cols["user"].append(a["query.sparse"][:, u])
         cols["item"].append(a["query.sparse"][:, i])
         cols["genres"].append(a["query.multi_hot"][:, g])
-        cols["rate"].append(np.full(n, float(sup.mean()) if len(sup) else 0.0))
+        cols["positives"].append(np.full(n, float(sup.sum())))
         cols["size"].append(np.full(n, float(len(sup))))
     c = {k: np.concatenate(v) for k, v in cols.items()}
-    return QuerySamples(c["state"], c["label"], c["user"], c["item"], c["genres"], c["rate"], c["size"])
+    return QuerySamples(c["state"], c["label"], c["user"], c["item"], c["genres"], c["positives"], c["size"])
