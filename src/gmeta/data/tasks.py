@@ -72,8 +72,8 @@ log = logging.getLogger(__name__)
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: why rows are dropped: a (key, state) history shorter than min_interactions; a longer one than
-#: max_interactions under the ``drop`` policy; the oldest window of a long history under ``window``
-#: when it is shorter than min_interactions
+#: max_interactions under ``drop`` (or a cold one under ``train_window``); the oldest window of a long
+#: history under ``window`` / ``train_window`` when it is shorter than min_interactions
 FILTER_REASONS: tuple[str, ...] = ("too_few_interactions", "too_many_interactions", "window_remainder")
 MAX_INTERACTIONS_POLICIES: tuple[str, ...] = ("drop", "window", "train_window")
 
