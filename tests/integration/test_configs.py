@@ -400,6 +400,15 @@ def test_model_instantiates(meta_name: str) -> None:
     assert model.hparams.meta == meta  # saved for load_from_checkpoint
 
 
+def test_model_id_bias_widens_the_table_by_one_column() -> None:
+    cfg = train_cfg("model.id_bias=true")
+    meta = OmegaConf.to_container(cfg.meta, resolve=True)
+    model = instantiate(cfg.model, schema=small_schema().to_dict(), meta=meta)
+    assert model.dlrm.id_bias and model.dlrm.dim == cfg.model.embedding_dim == 16
+    assert model.embedding.dim == model.dlrm.row_dim == 17
+    assert not train_cfg().model.id_bias  # off by default
+
+
 # -- eval --------------------------------------------------------------------------------------------
 
 

@@ -74,3 +74,23 @@ def test_forward_with_equals_module_forward_and_vmaps_over_per_task_params():
         {**{k: v.detach() for k, v in params.items()}, **{k: v[1] for k, v in top_only.items()}}
     )
     torch.testing.assert_close(out[1], ref(emb[1], dense[1]))
+
+
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
+def test_id_bias_adds_the_fields_biases_to_the_towers_logit(interaction):
+    """``id_bias``: rows one column wider; the logit is the same towers' output on the first d
+    columns plus the sum of the F last ones."""
+    torch.manual_seed(0)
+    plain = DLRM(F_, FD, D, bottom_mlp=(8,), top_mlp=(16, 8), interaction=interaction).double()
+    torch.manual_seed(0)
+    biased = DLRM(F_, FD, D, bottom_mlp=(8,), top_mlp=(16, 8), interaction=interaction, id_bias=True)
+    biased = biased.double()
+    assert (plain.row_dim, biased.row_dim) == (D, D + 1)
+    rows = torch.randn(2, 7, F_, D + 1, dtype=torch.float64)
+    dense = torch.randn(2, 7, FD, dtype=torch.float64)
+    expected = plain(rows[..., :D], dense) + rows[..., D].sum(-1)
+    torch.testing.assert_close(biased(rows, dense), expected, rtol=0, atol=1e-14)
+    params = dict(biased.named_parameters())
+    torch.testing.assert_close(biased.forward_with(params, rows, dense), expected, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match=f"width {D}, the model reads rows of {D + 1}"):
+        biased(rows[..., :D], dense)

@@ -29,10 +29,20 @@ DIM = 4
 LR = 0.3
 
 
-def make_models(interaction: str, dtype: torch.dtype, seed: int = 0, num_dense: int = 3):
+def make_models(
+    interaction: str, dtype: torch.dtype, seed: int = 0, num_dense: int = 3, id_bias: bool = False
+):
     torch.manual_seed(seed)
-    emb = EmbeddingCollection(VOCAB, 2, DIM, init_std=0.5).to(dtype)
-    model = DLRM(len(VOCAB), num_dense, DIM, bottom_mlp=(6, 5), top_mlp=(8, 7), interaction=interaction)
+    emb = EmbeddingCollection(VOCAB, 2, DIM + id_bias, init_std=0.5).to(dtype)
+    model = DLRM(
+        len(VOCAB),
+        num_dense,
+        DIM,
+        bottom_mlp=(6, 5),
+        top_mlp=(8, 7),
+        interaction=interaction,
+        id_bias=id_bias,
+    )
     return emb, model.to(dtype)
 
 
@@ -147,6 +157,43 @@ def test_float64_fast_equals_vmap_and_loop(
             assert float((p_fast - p_other).abs().max() / p_other.abs().max()) <= 1e-10, other.backend
         assert not p_fast.requires_grad
     assert lk.rows.grad is None and all(p.grad is None for p in model.parameters())
+
+
+ID_BIAS_CASES = [
+    ("maml", 3, False),
+    ("maml", 3, True),
+    ("fomaml", 1, True),
+    ("anil", 3, False),
+    ("none", 1, False),
+]
+
+
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), ID_BIAS_CASES)
+def test_id_bias_fast_equals_vmap_and_loop(
+    interaction, name, steps, adapt_embeddings, layer_form, fast_calls
+):
+    """With a bias column in every row (``DLRM.id_bias``) the fast path's closed form (the bias
+    added to the logit, its column's inner gradient when rows adapt) equals vmap and the loop,
+    gradients, loss and adapted predictions, support loss term included; the bias gets gradients."""
+    emb, model = make_models(interaction, torch.float64, seed=6, id_bias=True)
+    batch = make_batch(6)
+    weight = 0.0 if name == "none" else 0.5
+    cfg, _ = configs(name, steps, adapt_embeddings, support_loss_weight=weight)
+    got = fast_equal_to_vmap_and_loop(emb, model, batch, cfg)
+    assert name == "none" or fast_calls, "the fast path was not used"
+    assert float(got["rows"][:, DIM].abs().max()) > 0, "no gradient reached the bias column"
+    lk = emb.lookup(batch)
+    real = batch.query.mask & batch.task_mask[:, None]
+    p_fast = MetaLearner(model, cfg).predict(batch, lk, adapted=True)[real]
+    p_loop = MetaLearner(model, reference(cfg)).predict(batch, lk, adapted=True)[real]
+    assert float((p_fast - p_loop).abs().max() / p_loop.abs().max()) <= 1e-10
+    # the column is the logit's offset: +0.25 on the first field's biases (a sparse field: one id
+    # per sample) moves every unadapted logit by +0.25
+    unshifted = MetaLearner(model, cfg).predict(batch, lk, adapted=False)[real]
+    emb.weight.data[: VOCAB[0], DIM] += 0.25
+    shifted = MetaLearner(model, cfg).predict(batch, emb.lookup(batch), adapted=False)[real]
+    torch.testing.assert_close(shifted - unshifted, torch.full_like(shifted, 0.25))
 
 
 @pytest.mark.parametrize(("name", "adapt_embeddings"), [("maml", False), ("maml", True), ("none", False)])

@@ -136,6 +136,8 @@ class MetaDLRMModule(L.LightningModule):
         id_dropout: in training, ``{sparse field: rate}``: that share of the field's id values is
             replaced by the OOV row in each step (``gmeta.meta.episodes.drop_ids``), e.g. ``item_id``
             so that new items, which arrive with the OOV row, are scored from their side features.
+        id_bias: a first-order term per id (``gmeta.model.dlrm.DLRM``): every embedding row gets one
+            more column, the id's bias, added to the logit; trained, sharded and adapted with the row.
     """
 
     def __init__(
@@ -151,6 +153,7 @@ class MetaDLRMModule(L.LightningModule):
         embedding_optimizer: dict[str, Any] | None = None,
         task_key_oov_rate: float = 0.0,
         id_dropout: dict[str, float] | None = None,
+        id_bias: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -159,23 +162,25 @@ class MetaDLRMModule(L.LightningModule):
         self.meta_config = MetaConfig.from_dict(meta)
         self.dense_optimizer_config = {"lr": 1e-3, "weight_decay": 0.0, **(dense_optimizer or {})}
         row_optimizer = dict(embedding_optimizer or {"name": "adagrad", "lr": 0.05})
-        # the local table here; HybridParallelStrategy replaces it by a row-sharded one
-        self.embedding: EmbeddingTable = EmbeddingCollection.from_schema(
-            self.schema,
-            dim=embedding_dim,
-            init_std=init_std,
-            optimizer=row_optimizer.pop("name"),
-            optimizer_kwargs=row_optimizer,
-            device="meta",  # built in configure_model: whole here, or only this rank's rows when sharded
-        )
-        self.dlrm = DLRM(
+        dlrm = DLRM(
             num_fields=len(self.schema.id_fields),
             num_dense=len(self.schema.dense),
             dim=embedding_dim,
             bottom_mlp=list(bottom_mlp),
             top_mlp=list(top_mlp),
             interaction=interaction,
+            id_bias=id_bias,
         )
+        # the local table here; HybridParallelStrategy replaces it by a row-sharded one
+        self.embedding: EmbeddingTable = EmbeddingCollection.from_schema(
+            self.schema,
+            dim=dlrm.row_dim,
+            init_std=init_std,
+            optimizer=row_optimizer.pop("name"),
+            optimizer_kwargs=row_optimizer,
+            device="meta",  # built in configure_model: whole here, or only this rank's rows when sharded
+        )
+        self.dlrm = dlrm  # registered after the table, as before the bias column (state_dict order)
         #: the meta path: every training and evaluation step goes through it
         self.learner = MetaLearner(self.dlrm, self.meta_config, [f.name for f in self.schema.id_fields])
         #: learned inner learning rates (meta.learn_inner_lr): trained, reduced over ranks and

@@ -1,4 +1,6 @@
-"""Dense part of a DLRM: bottom MLP for dense features, feature interaction, top MLP -> one logit.
+"""Dense part of a DLRM: bottom MLP for dense features, feature interaction, top MLP -> one logit,
+plus (``id_bias``) a first-order term per id: the sum of the ids' scalar biases, as in a wide & deep
+or factorization-machine model.
 
 Embeddings come in already gathered (``gmeta.model.embedding``), so this module holds only the
 dense towers. Parameter names start with ``bottom.`` or ``top.``: meta algorithms pick the groups
@@ -29,6 +31,12 @@ def mlp(in_dim: int, sizes: Sequence[int], last_activation: bool) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
+def split_id_bias(emb: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+    """(..., F, dim + 1) rows -> the (..., F, dim) vectors and the (...) first-order term, the sum of
+    the F ids' biases (the last column)."""
+    return emb[..., :dim], emb[..., dim].sum(-1)
+
+
 class DLRM(nn.Module):
     """DLRM towers.
 
@@ -41,6 +49,10 @@ class DLRM(nn.Module):
         interaction: ``concat``: flatten all vectors (F*d [+ d]); ``dot``: pairwise dot products
             of the F [+ 1] vectors (strict upper triangle), concatenated with the bottom output as in
             the DLRM paper.
+        id_bias: each embedding row carries one more column, the id's scalar bias; the logit is the
+            top MLP's output plus the sum of the F (pooled) biases. Without it the towers learn an
+            id's rate level only through the interaction, and on MovieLens-1M stayed below simple
+            per-id label rates (docs/results.md, "Counting baselines").
     """
 
     # index buffers of the strict upper triangle, registered for ``dot`` interaction only
@@ -55,6 +67,7 @@ class DLRM(nn.Module):
         bottom_mlp: Sequence[int] = (64,),
         top_mlp: Sequence[int] = (64, 32),
         interaction: Interaction = "dot",
+        id_bias: bool = False,
     ) -> None:
         super().__init__()
         if interaction not in ("dot", "concat"):
@@ -63,6 +76,9 @@ class DLRM(nn.Module):
         self.num_dense = num_dense
         self.dim = dim
         self.interaction = interaction
+        self.id_bias = id_bias
+        #: width of the embedding rows the model reads: d, plus the bias column with ``id_bias``
+        self.row_dim = dim + (1 if id_bias else 0)
         # ReLU after the bottom output too, as in the reference DLRM.
         self.bottom = mlp(num_dense, [*bottom_mlp, dim], last_activation=True) if num_dense > 0 else None
         n_vec = num_fields + (1 if self.bottom is not None else 0)
@@ -83,12 +99,18 @@ class DLRM(nn.Module):
         """Logits.
 
         Args:
-            emb: (..., F, d) embeddings.
+            emb: (..., F, row_dim) embeddings (the last column the ids' biases with ``id_bias``).
             dense: (..., Fd) dense features (ignored when Fd = 0).
 
         Returns:
             (...) logits.
         """
+        if emb.shape[-1] != self.row_dim:
+            raise ValueError(
+                f"embeddings of width {emb.shape[-1]}, the model reads rows of {self.row_dim} "
+                f"(dim {self.dim}{' + the id bias' if self.id_bias else ''})"
+            )
+        emb, id_bias = split_id_bias(emb, self.dim) if self.id_bias else (emb, None)
         vecs = emb
         bottom_out = None
         if self.bottom is not None:
@@ -101,7 +123,8 @@ class DLRM(nn.Module):
             feats = z[..., self.triu_rows, self.triu_cols]  # (..., n(n-1)/2)
             if bottom_out is not None:
                 feats = torch.cat([bottom_out, feats], dim=-1)
-        return self.top(feats).squeeze(-1)
+        logits = self.top(feats).squeeze(-1)
+        return logits if id_bias is None else logits + id_bias
 
     def forward_with(self, params: Mapping[str, Tensor], emb: Tensor, dense: Tensor) -> Tensor:
         """``forward`` at the given parameters (missing names fall back to the module's own)."""

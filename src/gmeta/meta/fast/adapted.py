@@ -18,6 +18,7 @@ from torch import Tensor
 
 from gmeta.meta.fast.ops import DotFeatures, DotGrad, LowRank, PairsOfFirst, relu_grad, unsafe_view
 from gmeta.meta.fast.towers import Layer, Towers
+from gmeta.model.dlrm import split_id_bias
 
 Factors = tuple[Tensor, Tensor]  # X (T, R, in), D (T, R, out)
 
@@ -124,7 +125,9 @@ def forward_set(
     feats: tuple[Tensor, Tensor | None, Tensor | None] | None = None,
 ) -> Cache:
     """Logits of a (T, M) set at the state's adapted weights; ``feats`` reuses a computed
-    (top input, vecs, bottom output) when neither the bottom tower nor the embeddings adapt."""
+    (top input, vecs, bottom output) when neither the bottom tower nor the embeddings adapt.
+    ``emb``: (T, M, F, d), or (T, M, F, d + 1) with the ids' biases (``tw.id_bias``)."""
+    emb, id_bias = split_id_bias(emb, tw.dim) if tw.id_bias else (emb, None)
     n_bottom = len(tw.bottom)
     bottom_in: list[Tensor] = []
     bottom_out = None
@@ -144,13 +147,17 @@ def forward_set(
         x = linear(x, layer, st, n_bottom + j)
         if j < len(tw.top) - 1:
             x = torch.relu(x)
-    return Cache(bottom_in, bottom_out, emb, top_in, x.squeeze(-1), vecs)
+    logits = x.squeeze(-1)
+    if id_bias is not None:  # the first-order term: no weight of the towers touches it
+        logits = logits + id_bias
+    return Cache(bottom_in, bottom_out, emb, top_in, logits, vecs)
 
 
 @dataclass
 class InnerGrads:
     """Support-loss gradients of one inner step: per adapted layer (input, output-gradient) pairs,
-    and the (T, S, F, d) gradients w.r.t. the support embeddings (if asked)."""
+    and the (T, S, F, d) gradients w.r.t. the support embeddings (if asked; d + 1 columns with
+    the ids' biases)."""
 
     layers: dict[int, Factors]
     emb: Tensor | None
@@ -219,6 +226,9 @@ def inner_backward(tw: Towers, st: State, c: Cache, dlogit: Tensor, need_emb: bo
                     break
                 g = linear_input_grad(delta, layer, st, i, None)
                 delta = relu_grad(g, c.bottom_in[i])
+    if g_emb is not None and tw.id_bias:  # d logit / d bias of each field = 1
+        T, S, F, _ = g_emb.shape
+        g_emb = torch.cat([g_emb, dlogit.view(T, S, 1, 1).expand(T, S, F, 1)], dim=-1)
     return InnerGrads(out, g_emb)
 
 

@@ -37,6 +37,7 @@ class Towers:
     dim: int
     num_fields: int
     pairs: Tensor | None  # dot: (2, n(n-1)/2) flat indices i*n+j and j*n+i (i < j) of (n, n) products
+    id_bias: bool = False  # the rows carry a bias column, added to the logit (``DLRM.id_bias``)
 
     @property
     def has_bottom(self) -> bool:
@@ -51,7 +52,13 @@ class Towers:
             return [Layer(f(x.weight), f(x.bias), x.adapted, x.name) for x in layers]
 
         return Towers(
-            each(self.bottom), each(self.top), self.interaction, self.dim, self.num_fields, self.pairs
+            each(self.bottom),
+            each(self.top),
+            self.interaction,
+            self.dim,
+            self.num_fields,
+            self.pairs,
+            self.id_bias,
         )
 
     def detached(self) -> Towers:
@@ -105,5 +112,11 @@ def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tupl
         i, j = torch.as_tensor(model.triu_rows), torch.as_tensor(model.triu_cols)
         pairs = torch.stack([i * n + j, j * n + i])
     return Towers(
-        layers(bottom, "bottom"), layers(top, "top"), model.interaction, model.dim, model.num_fields, pairs
+        layers(bottom, "bottom"),
+        layers(top, "top"),
+        model.interaction,
+        model.dim,
+        model.num_fields,
+        pairs,
+        model.id_bias,
     )
