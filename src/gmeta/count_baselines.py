@@ -15,6 +15,11 @@ Predictors (``PREDICTORS``):
 * ``user+item_or_genre``: both;
 * ``support``: the task's own support rate (uses every support label: compare with adapted "all");
 * ``support+item_or_genre``: both.
+
+With a trained model's saved predictions (``gmeta.compare.Predictions``, one split, k = 0) ``score_split``
+also scores ``model`` (its logits unadapted) and ``model+user+item_or_genre`` (its logit plus the
+counted log-odds): what the model knows beyond the counts shows as the gap between the sum and the
+counts alone.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gmeta.compare import weighted_auc
+from gmeta.compare import Predictions, weighted_auc
 from gmeta.data.batch import TaskRecord
 from gmeta.data.schema import STATES, Schema
 from gmeta.data.shards import iter_shard, read_manifest
@@ -38,6 +43,8 @@ PREDICTORS: tuple[str, ...] = (
     "support",
     "support+item_or_genre",
 )
+#: with a model's predictions: its unadapted logits alone and plus ``user+item_or_genre``
+MODEL_PREDICTORS: tuple[str, ...] = ("model", "model+user+item_or_genre")
 
 
 def _logit(p: np.ndarray | float) -> np.ndarray:
@@ -79,6 +86,7 @@ def _records(schema: Schema, paths: Iterable[Path]) -> Iterator[TaskRecord]:
 class QuerySamples:
     """The query samples of one split with the columns the predictors need."""
 
+    task_id: np.ndarray  # the sample's task id (to check a model's predictions cover the same samples)
     state: np.ndarray  # index into STATES
     label: np.ndarray
     user: np.ndarray
@@ -89,10 +97,14 @@ class QuerySamples:
 
 
 def score_split(
-    directory: str | Path, split: str = "test", prior: float = 5.0
+    directory: str | Path,
+    split: str = "test",
+    prior: float = 5.0,
+    predictions: Predictions | None = None,
 ) -> dict[str, dict[str, float]]:
     """{state: {predictor: pooled AUC of its query samples}} for ``split`` of a MovieLens-like shard folder
-    (id fields ``user_id`` = the task key, ``item_id``, and a multi-hot ``genre``)."""
+    (id fields ``user_id`` = the task key, ``item_id``, and a multi-hot ``genre``); with a model's
+    ``predictions`` of the same split and data build, the ``MODEL_PREDICTORS`` too."""
     manifest = read_manifest(directory)
     schema = manifest.schema
     sparse = [f.name for f in schema.sparse]
@@ -139,6 +151,19 @@ def score_split(
         "support": support_part,
         "support+item_or_genre": support_part + item_or_genre,
     }
+    if predictions is not None:
+        if not (
+            np.array_equal(predictions.task_ids, q.task_id) and np.array_equal(predictions.label, q.label)
+        ):
+            raise ValueError(
+                f"the model's predictions cover other query samples than {directory}'s {split} split "
+                f"({len(predictions.label)} against {len(q.label)} samples): score the same split of the "
+                "same data build"
+            )
+        if 0 not in predictions.logits:
+            raise ValueError("the model's predictions hold no unadapted (k = 0) logits")
+        scores["model"] = predictions.logits[0]
+        scores["model+user+item_or_genre"] = predictions.logits[0] + scores["user+item_or_genre"]
     out: dict[str, dict[str, float]] = {}
     for s, state in enumerate(STATES):
         rows = q.state == s
@@ -155,12 +180,13 @@ def score_split(
 
 def _query_samples(schema: Schema, paths: Iterable[Path], u: int, i: int, g: int) -> QuerySamples:
     cols: dict[str, list[np.ndarray]] = {
-        k: [] for k in ("state", "label", "user", "item", "genres", "positives", "size")
+        k: [] for k in ("task_id", "state", "label", "user", "item", "genres", "positives", "size")
     }
     for rec in _records(schema, paths):
         a = rec.arrays
         n = len(a["query.label"])
         sup = a["support.label"]
+        cols["task_id"].append(np.full(n, rec.task_id))
         cols["state"].append(np.full(n, STATES.index(rec.state)))
         cols["label"].append(a["query.label"])
         cols["user"].append(a["query.sparse"][:, u])
@@ -169,4 +195,6 @@ def _query_samples(schema: Schema, paths: Iterable[Path], u: int, i: int, g: int
         cols["positives"].append(np.full(n, float(sup.sum())))
         cols["size"].append(np.full(n, float(len(sup))))
     c = {k: np.concatenate(v) for k, v in cols.items()}
-    return QuerySamples(c["state"], c["label"], c["user"], c["item"], c["genres"], c["positives"], c["size"])
+    return QuerySamples(
+        c["task_id"], c["state"], c["label"], c["user"], c["item"], c["genres"], c["positives"], c["size"]
+    )

@@ -101,3 +101,35 @@ def test_counting_baselines_name_a_missing_field(tmp_path, shard_dir):
     (bad / "manifest.json").write_text(manifest)
     with pytest.raises(ValueError, match=r"need the field 'genre'"):
         score_split(bad, "test")
+
+
+def test_a_models_predictions_are_scored_alone_and_with_the_counts(shard_dir, reference):
+    """``predictions``: the model's k = 0 logits (here random) and their sum with the counted
+    log-odds, on the same samples; predictions of other samples are refused."""
+    from gmeta.compare import Predictions
+    from gmeta.count_baselines import MODEL_PREDICTORS, _query_samples
+    from gmeta.data.shards import read_manifest
+
+    manifest = read_manifest(shard_dir)
+    sparse = [f.name for f in manifest.schema.sparse]
+    u, i = sparse.index("user_id"), sparse.index("item_id")
+    g = [f.name for f in manifest.schema.multi_hot].index("genre")
+    q = _query_samples(manifest.schema, manifest.shard_paths("test"), u, i, g)
+    logits = np.random.default_rng(0).normal(size=len(q.label))
+    preds = Predictions(q.task_id, q.state, q.label, {0: logits, -1: logits + 1.0})
+    got = score_split(shard_dir, "test", prior=PRIOR, predictions=preds)
+    ref = reference
+    combined = logits + ref["user"] + ref["item_or_genre"]
+    for state, r in got.items():
+        rows = ref["state"] == state
+        assert set(MODEL_PREDICTORS) <= set(r)
+        assert r["model"] == pytest.approx(_pairwise_auc(logits[rows], ref["label"][rows]), abs=1e-9)
+        assert r["model+user+item_or_genre"] == pytest.approx(
+            _pairwise_auc(combined[rows], ref["label"][rows]), abs=1e-9
+        )
+    order = np.random.default_rng(1).permutation(len(q.label))
+    shuffled = Predictions(q.task_id[order], q.state[order], q.label[order], {0: logits[order]})
+    with pytest.raises(ValueError, match="cover other query samples"):
+        score_split(shard_dir, "test", prior=PRIOR, predictions=shuffled)
+    with pytest.raises(ValueError, match="no unadapted"):
+        score_split(shard_dir, "test", prior=PRIOR, predictions=Predictions(q.task_id, q.state, q.label, {}))

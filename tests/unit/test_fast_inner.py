@@ -170,12 +170,11 @@ ID_BIAS_CASES = [
 
 @pytest.mark.parametrize("interaction", ["dot", "concat"])
 @pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), ID_BIAS_CASES)
-def test_id_bias_fast_equals_vmap_and_loop(
-    interaction, name, steps, adapt_embeddings, layer_form, fast_calls
-):
+def test_id_bias_fast_equals_vmap_and_loop(interaction, name, steps, adapt_embeddings, fast_calls):
     """With a bias column in every row (``DLRM.id_bias``) the fast path's closed form (the bias
     added to the logit, its column's inner gradient when rows adapt) equals vmap and the loop,
-    gradients, loss and adapted predictions, support loss term included; the bias gets gradients."""
+    gradients, loss and adapted predictions, support loss term included; the bias gets gradients.
+    (The bias touches no layer, so the two layer forms are not run here.)"""
     emb, model = make_models(interaction, torch.float64, seed=6, id_bias=True)
     batch = make_batch(6)
     weight = 0.0 if name == "none" else 0.5

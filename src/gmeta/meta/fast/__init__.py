@@ -17,9 +17,10 @@ adapted embedding rows), ``step`` (the driver). Why each piece is shaped as it i
 measurements: docs/benchmarks.md, "How the fast path gets its speed".
 
 Supported: ``DLRM`` towers built by ``gmeta.model.dlrm.mlp`` (Linear/ReLU stacks), ``dot`` or
-``concat`` interaction, with or without a bottom tower, any ``adapt_groups``, ``inner_steps >= 0``,
-first or second order, ``adapt_embeddings``. ``supports`` says whether a model qualifies; the
-learner uses the ``vmap`` backend for any other.
+``concat`` interaction, with or without a bottom tower, with or without the per-id biases
+(``DLRM.id_bias``: added to the logit, adapted with their rows), any ``adapt_groups``,
+``inner_steps >= 0``, first or second order, ``adapt_embeddings``. ``supports`` says whether a
+model qualifies; the learner uses the ``vmap`` backend for any other.
 
 Shapes: T tasks, S / Q / M padded samples per set, U looked-up rows, F id fields, d embedding dim.
 """
