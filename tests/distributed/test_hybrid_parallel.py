@@ -78,6 +78,33 @@ def test_losses_and_every_parameter_match_one_process(runs, world, algo):
     del initial
 
 
+@pytest.mark.slow
+def test_id_bias_rows_train_on_two_processes_as_on_one(tmp_path):
+    """``model.id_bias``: the bias column travels with its row (sharded, exchanged, adapted, updated);
+    2 ranks give one process's losses, dense weights, table and optimizer state."""
+    spec = {
+        "scenario": "train",
+        "algos": ["maml"],
+        "steps": STEPS,
+        "meta_overrides": {"adapt_embeddings": True},
+        "model_overrides": {"id_bias": True},
+    }
+    done = {}
+    for world in (1, 2):
+        path = tmp_path / f"world{world}"
+        done[world] = (_ok(run_group({**spec, "world": world}, path), path), path)
+    (ref_results, ref_dir), (results, out_dir) = done[1], done[2]
+    torch.testing.assert_close(
+        global_losses(results, "maml"), global_losses(ref_results, "maml"), rtol=1e-5, atol=0
+    )
+    ref = torch.load(ref_dir / "state_maml.pt")
+    state = torch.load(out_dir / "state_maml.pt")
+    assert ref["embedding.weight"].shape[1] == 5  # dim 4 + the bias column
+    assert state.keys() == ref.keys()
+    for key in ref:
+        torch.testing.assert_close(state[key], ref[key], rtol=1e-5, atol=1e-12, msg=key)
+
+
 # -- collective audit ----------------------------------------------------------------------------
 
 EXPECTED_STEP = [

@@ -82,18 +82,25 @@ def schema_dict(vocabs: tuple[int, ...] = VOCABS) -> dict[str, Any]:
 
 
 def make_module(
-    algo: str, meta_overrides: dict[str, Any] | None = None, vocabs: tuple[int, ...] = VOCABS, dim: int = 4
+    algo: str,
+    meta_overrides: dict[str, Any] | None = None,
+    vocabs: tuple[int, ...] = VOCABS,
+    dim: int = 4,
+    model_overrides: dict[str, Any] | None = None,
 ) -> MetaDLRMModule:
     torch.manual_seed(1234)  # same initial weights on every rank and world size
+    kwargs: dict[str, Any] = {
+        "embedding_dim": dim,
+        "bottom_mlp": (8,),
+        "top_mlp": (8,),
+        "init_std": 0.3,
+        "dense_optimizer": {"lr": 0.05},
+        "embedding_optimizer": {"name": "adagrad", "lr": 0.2},
+    }
     return MetaDLRMModule(
         schema=schema_dict(vocabs),
         meta={**META[algo], **(meta_overrides or {})},
-        embedding_dim=dim,
-        bottom_mlp=(8,),
-        top_mlp=(8,),
-        init_std=0.3,
-        dense_optimizer={"lr": 0.05},
-        embedding_optimizer={"name": "adagrad", "lr": 0.2},
+        **{**kwargs, **(model_overrides or {})},
     )
 
 
@@ -230,7 +237,9 @@ def run(spec: dict[str, Any], rank: int) -> dict[str, Any]:
     vocabs = tuple(spec.get("vocabs", VOCABS))
     float64 = spec.get("float64", True)
     for algo in spec["algos"]:
-        module = make_module(algo, spec.get("meta_overrides"), vocabs, spec.get("dim", 4))
+        module = make_module(
+            algo, spec.get("meta_overrides"), vocabs, spec.get("dim", 4), spec.get("model_overrides")
+        )
         if float64:  # before fit: Lightning restores a checkpoint before the precision plugin converts
             module = module.double()
         steps = spec["steps"]
