@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from gmeta.data.sources.movielens import ML1M_SHA256, MovieLensSource, fetch_movielens1m, movielens_schema
+from gmeta.data.sources.movielens import (
+    ML1M_SHA256,
+    TITLE_MAX_WORDS,
+    MovieLensSource,
+    common_title_words,
+    fetch_movielens1m,
+    movielens_schema,
+    title_word_tokens,
+)
 from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.sources.tabular import TabularSource
 
@@ -47,6 +55,55 @@ def test_movielens_parse_joins_and_derives_columns(tmp_path):
     assert df["genre"].tolist() == ["Animation Children's Comedy", "Drama"]
     np.testing.assert_allclose(df["year_norm"], [(1995 - 1919) / 81, (1998 - 1919) / 81], rtol=1e-6)
     assert df["rating"].tolist() == [5.0, 3.0] and df["timestamp"].tolist() == [978300760, 978300761]
+
+
+def test_movielens_title_words_field(tmp_path):
+    _write_atomic(tmp_path / "ml-1m")
+    plain = MovieLensSource(tmp_path, fetch=False)
+    titled = MovieLensSource(tmp_path, fetch=False, title_words=True, title_word_min_films=1)
+    df, schema = titled.load()
+    assert schema == movielens_schema(title_words=True) != movielens_schema()
+    field = schema.field("title_words")
+    assert field.kind == "multi_hot" and field.max_len == TITLE_MAX_WORDS
+    assert list(df.columns) == schema.required_columns() and "title_words" in df.columns
+    assert df["title_words"].tolist() == ["toy story", "great"]
+    # the other columns are the plain source's
+    pd.testing.assert_frame_equal(df.drop(columns="title_words"), plain.load()[0])
+    # a build with titles is another build; one without still matches shards built before the option
+    assert "title_words" not in plain.describe() and titled.describe()["title_words"] is True
+    # the default keeps words of at least 5 titles: here none
+    common = MovieLensSource(tmp_path, fetch=False, title_words=True)
+    assert common.load()[0]["title_words"].tolist() == ["", ""]
+    assert common.describe() != titled.describe()  # the threshold is part of the build
+    with pytest.raises(ValueError, match="title_word_min_films"):
+        MovieLensSource(tmp_path, title_words=True, title_word_min_films=0)
+
+
+def test_common_title_words_count_films_not_occurrences():
+    titles = ["Love Story", "Love, Love, Love", "Love Actually", "Dead Man", "Dead Man Walking", "The Man"]
+    assert common_title_words(titles, 3) == {"love", "man"}  # love: 3 films (5 times); dead: 2
+    assert common_title_words(titles, 2) == {"love", "man", "dead"}
+    assert title_word_tokens("Dead Man Walking", vocabulary={"man", "dead"}) == "dead man"
+
+
+@pytest.mark.parametrize(
+    ("title", "words"),
+    [
+        ("Star Wars: Episode I - The Phantom Menace", "star wars episode i phantom menace"),
+        ("Schindler's List", "schindler's list"),
+        ("New York, New York", "new york"),  # each word once
+        (
+            "Dr. Strangelove or: How I Learned to Stop Worrying and Love the Bomb",
+            "dr strangelove or how i learned stop worrying",
+        ),  # at most TITLE_MAX_WORDS, stop words out
+        ("Die Hard 2", "die hard 2"),
+        ("Cité des enfants perdus, La", "cité enfants perdus"),
+        ("The", ""),
+    ],
+)
+def test_title_word_tokens(title, words):
+    assert title_word_tokens(title) == words
+    assert len(title_word_tokens(title).split()) <= TITLE_MAX_WORDS
 
 
 def test_movielens_fetch_false_names_missing_files(tmp_path):

