@@ -79,15 +79,24 @@ def test_losses_and_every_parameter_match_one_process(runs, world, algo):
 
 
 @pytest.mark.slow
-def test_id_bias_rows_train_on_two_processes_as_on_one(tmp_path):
+@pytest.mark.parametrize(
+    ("meta_overrides", "model_overrides", "width"),
+    [
+        ({"adapt_embeddings": True}, {"id_bias": True}, 5),
+        ({}, {"id_generator": {"field": "item", "from": ["genre", "tag"], "hidden": [6]}}, 4),
+    ],
+    ids=["id_bias", "generator"],
+)
+def test_model_options_train_on_two_processes_as_on_one(tmp_path, meta_overrides, model_overrides, width):
     """``model.id_bias``: the bias column travels with its row (sharded, exchanged, adapted, updated);
-    2 ranks give one process's losses, dense weights, table and optimizer state."""
+    ``model.id_generator``: its weights are dense parameters (reduced with the towers', kept equal on
+    every rank). 2 ranks give one process's losses, dense weights, table and optimizer state."""
     spec = {
         "scenario": "train",
         "algos": ["maml"],
         "steps": STEPS,
-        "meta_overrides": {"adapt_embeddings": True},
-        "model_overrides": {"id_bias": True},
+        "meta_overrides": meta_overrides,
+        "model_overrides": model_overrides,
     }
     done = {}
     for world in (1, 2):
@@ -99,8 +108,9 @@ def test_id_bias_rows_train_on_two_processes_as_on_one(tmp_path):
     )
     ref = torch.load(ref_dir / "state_maml.pt")
     state = torch.load(out_dir / "state_maml.pt")
-    assert ref["embedding.weight"].shape[1] == 5  # dim 4 + the bias column
+    assert ref["embedding.weight"].shape[1] == width  # dim 4 (+ the bias column)
     assert state.keys() == ref.keys()
+    assert ("dlrm.generator.0.weight" in ref) == ("id_generator" in model_overrides)
     for key in ref:
         torch.testing.assert_close(state[key], ref[key], rtol=1e-5, atol=1e-12, msg=key)
 

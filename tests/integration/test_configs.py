@@ -27,7 +27,8 @@ from gmeta.data.sources.synthetic import SyntheticSource
 from gmeta.data.tasks import TaskConfig
 from gmeta.errors import ConfigError
 from gmeta.meta.config import ALGORITHMS, META_ALGORITHMS, MetaConfig
-from gmeta.meta.module import EVAL_MODES, MetaDLRMModule
+from gmeta.meta.module import EVAL_MODES, MetaDLRMModule, generator_spec
+from gmeta.model.dlrm import GeneratorSpec
 from gmeta.parallel import HybridParallelStrategy
 
 REPO = Path(__file__).resolve().parents[2]
@@ -407,6 +408,35 @@ def test_model_id_bias_widens_the_table_by_one_column() -> None:
     assert model.dlrm.id_bias and model.dlrm.dim == cfg.model.embedding_dim == 16
     assert model.embedding.dim == model.dlrm.row_dim == 17
     assert not train_cfg().model.id_bias  # off by default
+
+
+def test_model_id_generator_resolves_field_names() -> None:
+    cfg = train_cfg("model.id_generator={field: item_id, from: [genre, gender], hidden: [8]}")
+    meta = OmegaConf.to_container(cfg.meta, resolve=True)
+    model = instantiate(cfg.model, schema=small_schema().to_dict(), meta=meta)
+    # id fields: item_id, gender, genre (sparse, then multi-hot)
+    assert model.dlrm.generator_spec == GeneratorSpec(target=0, sources=(2, 1), hidden=(8,))
+    assert [n for n, _ in model.dlrm.generator.named_parameters()] == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]
+    assert model.dlrm.generator[0].in_features == 2 * 16 and model.dlrm.generator[2].out_features == 16
+    optimized = {id(p) for group in model.configure_optimizers().param_groups for p in group["params"]}
+    assert all(id(p) in optimized for p in model.dlrm.generator.parameters())  # trained with the towers
+    assert generator_spec({"field": "item_id", "from": ["genre"]}, ["item_id", "genre"]) == GeneratorSpec(
+        0, (1,)
+    )
+    assert train_cfg().model.id_generator is None  # off by default
+    for bad, match in [
+        ({"field": "item_id", "from": ["title"]}, r"\['title'\] are not id fields"),
+        ({"field": "item_id", "from": ["item_id"]}, "distinct fields"),
+        ({"field": "item_id"}, "must be"),
+        ({"field": "item_id", "from": ["genre"], "layers": [3]}, "must be"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            generator_spec(bad, ["item_id", "gender", "genre"])
 
 
 # -- eval --------------------------------------------------------------------------------------------

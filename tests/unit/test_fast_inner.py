@@ -21,7 +21,7 @@ from gmeta.meta.fast.adapted import materialize_layer
 from gmeta.meta.fast.towers import Layer
 from gmeta.meta.learner import MetaLearner
 from gmeta.meta.vmap import VmapBackend
-from gmeta.model.dlrm import DLRM
+from gmeta.model.dlrm import DLRM, GeneratorSpec
 from gmeta.model.embedding import EmbeddingCollection
 
 VOCAB = (7, 5, 9, 6)  # 2 sparse + 2 multi-hot fields
@@ -30,7 +30,12 @@ LR = 0.3
 
 
 def make_models(
-    interaction: str, dtype: torch.dtype, seed: int = 0, num_dense: int = 3, id_bias: bool = False
+    interaction: str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    num_dense: int = 3,
+    id_bias: bool = False,
+    generator: GeneratorSpec | None = None,
 ):
     torch.manual_seed(seed)
     emb = EmbeddingCollection(VOCAB, 2, DIM + id_bias, init_std=0.5).to(dtype)
@@ -42,6 +47,7 @@ def make_models(
         top_mlp=(8, 7),
         interaction=interaction,
         id_bias=id_bias,
+        generator=generator,
     )
     return emb, model.to(dtype)
 
@@ -193,6 +199,63 @@ def test_id_bias_fast_equals_vmap_and_loop(interaction, name, steps, adapt_embed
     emb.weight.data[: VOCAB[0], DIM] += 0.25
     shifted = MetaLearner(model, cfg).predict(batch, emb.lookup(batch), adapted=False)[real]
     torch.testing.assert_close(shifted - unshifted, torch.full_like(shifted, 0.25))
+
+
+GENERATOR = GeneratorSpec(target=1, sources=(0, 3), hidden=(5,))  # field 1 from a sparse and a multi-hot
+GENERATOR_CASES = [("maml", 3, False), ("fomaml", 1, False), ("anil", 3, False), ("none", 1, False)]
+
+
+@pytest.mark.parametrize("id_bias", [False, True])
+@pytest.mark.parametrize("interaction", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "steps", "adapt_embeddings"), GENERATOR_CASES)
+def test_generator_fast_equals_vmap_and_loop(interaction, id_bias, name, steps, adapt_embeddings, fast_calls):
+    """With a generator (``DLRM.generator``: its output added to one field's vectors) the fast path
+    applies it to the gathered embeddings of both sets and equals vmap and the loop: loss, gradients
+    (the generator's own included, which are not zero), adapted and unadapted predictions."""
+    emb, model = make_models(interaction, torch.float64, seed=7, id_bias=id_bias, generator=GENERATOR)
+    batch = make_batch(7)
+    weight = 0.0 if name == "none" else 0.5
+    cfg, _ = configs(name, steps, adapt_embeddings, support_loss_weight=weight)
+    got = fast_equal_to_vmap_and_loop(emb, model, batch, cfg)
+    assert name == "none" or fast_calls, "the fast path was not used"
+    assert all(float(got[k].abs().max()) > 0 for k in got if k.startswith("generator.")), got.keys()
+    lk = emb.lookup(batch)
+    real = batch.query.mask & batch.task_mask[:, None]
+    for adapted in (True, False):
+        p_fast = MetaLearner(model, cfg).predict(batch, lk, adapted=adapted)[real]
+        p_loop = MetaLearner(model, reference(cfg)).predict(batch, lk, adapted=adapted)[real]
+        assert float((p_fast - p_loop).abs().max() / p_loop.abs().max()) <= 1e-10
+
+
+def test_generator_with_adapted_rows_runs_vmap_as_the_loop(fast_calls):
+    """Adapted rows change the generator's input inside the inner loop, which the fast path does not
+    model: that combination runs the vmap backend, equal to the loop."""
+    emb, model = make_models("concat", torch.float64, seed=8, generator=GENERATOR)
+    assert fast.supports(model) and not fast.supports(model, adapt_embeddings=True)
+    cfg, _ = configs("maml", 2, True)
+    assert isinstance(MetaLearner(model, cfg).backend, VmapBackend)
+    batch = make_batch(8)
+    got = run(emb, model, batch, cfg)
+    assert not fast_calls
+    assert_close(got, run(emb, model, batch, reference(cfg)), 1e-10)
+
+
+def test_generator_adds_an_mlp_of_the_source_vectors_to_the_target_field():
+    """``DLRM.forward`` with a generator = the same towers without one, on embeddings whose target
+    field has the generator MLP of the source fields' vectors added (bias column untouched)."""
+    torch.manual_seed(9)
+    with_gen = DLRM(4, 3, DIM, (6,), (8,), "concat", id_bias=True, generator=GENERATOR).double()
+    plain = DLRM(4, 3, DIM, (6,), (8,), "concat", id_bias=True).double()
+    plain.load_state_dict({k: v for k, v in with_gen.state_dict().items() if not k.startswith("generator.")})
+    e, dense = torch.randn(10, 4, DIM + 1, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    g = with_gen.generator
+    assert g is not None
+    generated = g(torch.cat([e[:, 0, :DIM], e[:, 3, :DIM]], dim=-1))
+    by_hand = e.clone()
+    by_hand[:, 1, :DIM] += generated
+    torch.testing.assert_close(with_gen(e, dense), plain(by_hand, dense), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="distinct fields"):
+        DLRM(4, 3, DIM, generator=GeneratorSpec(target=1, sources=(1, 2)))
 
 
 @pytest.mark.parametrize(("name", "adapt_embeddings"), [("maml", False), ("maml", True), ("none", False)])

@@ -41,10 +41,12 @@ def make_backend(model: DLRM, cfg: MetaConfig, inner: InnerLoop) -> MetaBackend:
     """The backend ``cfg.backend`` names, running ``inner``; ``fast`` falls back to ``vmap`` for a
     model it does not know."""
     if cfg.backend == "fast":
-        if fast.supports(model):
+        if fast.supports(model, inner.adapt_embeddings):
             return fast.FastBackend(model, inner)
         log.info(
-            "meta.backend=fast does not know %s's structure: using the vmap backend", type(model).__name__
+            "meta.backend=fast does not know %s's structure%s: using the vmap backend",
+            type(model).__name__,
+            " with a generator and adapted rows" if getattr(model, "generator", None) is not None else "",
         )
         return VmapBackend(model, inner)
     if cfg.backend == "vmap":

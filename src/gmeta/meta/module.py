@@ -32,7 +32,7 @@ from gmeta.meta.episodes import drop_ids, drop_task_keys, truncate_episodes
 from gmeta.meta.learner import MetaLearner
 from gmeta.meta.schedule import SCHEDULE_KEY, AdaptationSchedule
 from gmeta.metrics import ColdStartMetrics
-from gmeta.model.dlrm import DLRM
+from gmeta.model.dlrm import DLRM, GeneratorSpec
 from gmeta.model.embedding import EmbeddingCollection, EmbeddingTable
 
 EVAL_MODES: tuple[tuple[str, bool], ...] = (("plain", False), ("adapted", True))
@@ -119,6 +119,29 @@ def run_train_step(
     return loss.detach(), stats
 
 
+def generator_spec(cfg: dict[str, Any] | None, id_fields: list[str]) -> GeneratorSpec | None:
+    """``model.id_generator`` (``{field, from, hidden}``, field names) as the DLRM's ``GeneratorSpec``
+    (indices into the id fields); None for null. Unknown or repeated names are a ``ConfigError``."""
+    if cfg is None:
+        return None
+    unknown_keys = set(cfg) - {"field", "from", "hidden"}
+    if unknown_keys or "field" not in cfg or not cfg.get("from"):
+        raise ConfigError(
+            f"model.id_generator must be {{field: <id field>, from: [<id fields>], hidden: [sizes]}}, got {dict(cfg)}"
+        )
+    names = [cfg["field"], *cfg["from"]]
+    unknown = [n for n in names if n not in id_fields]
+    if unknown:
+        raise ConfigError(f"model.id_generator: {unknown} are not id fields of the data ({id_fields})")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model.id_generator: field and from must name distinct fields, got {names}")
+    hidden = cfg.get("hidden")  # absent or null: the spec's default; []: one linear layer
+    sources = tuple(id_fields.index(n) for n in cfg["from"])
+    if hidden is None:
+        return GeneratorSpec(id_fields.index(cfg["field"]), sources)
+    return GeneratorSpec(id_fields.index(cfg["field"]), sources, tuple(int(h) for h in hidden))
+
+
 class MetaDLRMModule(L.LightningModule):
     """Meta-DLRM: embedding tables + DLRM towers, trained by the meta algorithm named in ``meta``.
 
@@ -138,6 +161,10 @@ class MetaDLRMModule(L.LightningModule):
             so that new items, which arrive with the OOV row, are scored from their side features.
         id_bias: a first-order term per id (``gmeta.model.dlrm.DLRM``): every embedding row gets one
             more column, the id's bias, added to the logit; trained, sharded and adapted with the row.
+        id_generator: ``{field, from, hidden}`` (``generator_spec``): an MLP generates a vector for id
+            field ``field`` from the vectors of the fields ``from`` (e.g. an item's from its genres
+            and year), added to its id row's vector (``gmeta.model.dlrm.DLRM``); a new item gets
+            the OOV row plus the generated vector. Trained with the towers, never adapted.
     """
 
     def __init__(
@@ -154,6 +181,7 @@ class MetaDLRMModule(L.LightningModule):
         task_key_oov_rate: float = 0.0,
         id_dropout: dict[str, float] | None = None,
         id_bias: bool = False,
+        id_generator: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -170,6 +198,7 @@ class MetaDLRMModule(L.LightningModule):
             top_mlp=list(top_mlp),
             interaction=interaction,
             id_bias=id_bias,
+            generator=generator_spec(id_generator, [f.name for f in self.schema.id_fields]),
         )
         # the local table here; HybridParallelStrategy replaces it by a row-sharded one
         self.embedding: EmbeddingTable = EmbeddingCollection.from_schema(

@@ -1,6 +1,7 @@
 """Dense part of a DLRM: bottom MLP for dense features, feature interaction, top MLP -> one logit,
 plus (``id_bias``) a first-order term per id: the sum of the ids' scalar biases, as in a wide & deep
-or factorization-machine model.
+or factorization-machine model, and (``generator``) a small MLP that generates one field's vector
+from other fields' vectors (an item's from its side features, MetaEmb-style).
 
 Embeddings come in already gathered (``gmeta.model.embedding``), so this module holds only the
 dense towers. Parameter names start with ``bottom.`` or ``top.``: meta algorithms pick the groups
@@ -11,6 +12,7 @@ parameter dict (fast weights) and works under ``torch.func.vmap`` with any leadi
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,6 +31,41 @@ def mlp(in_dim: int, sizes: Sequence[int], last_activation: bool) -> nn.Sequenti
             layers.append(nn.ReLU())
         in_dim = out
     return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """Where the generator reads and writes: field ``target`` gets the generated vector added, made
+    from the vectors of fields ``sources`` (indices into the F id fields); ``hidden``: hidden sizes."""
+
+    target: int
+    sources: tuple[int, ...]
+    hidden: tuple[int, ...] = (32,)
+
+    def check(self, num_fields: int) -> None:
+        fields = (self.target, *self.sources)
+        if not self.sources or any(not 0 <= f < num_fields for f in fields) or self.target in self.sources:
+            raise ValueError(
+                f"generator: target {self.target} and sources {list(self.sources)} must be distinct "
+                f"fields among 0..{num_fields - 1}, with at least one source"
+            )
+
+
+def generator_input(emb: Tensor, spec: GeneratorSpec, dim: int) -> Tensor:
+    """(..., F, row_dim) rows -> (..., len(sources) * dim): the source fields' vectors side by side
+    (without the bias column)."""
+    return emb[..., list(spec.sources), :dim].flatten(-2)
+
+
+def add_generated(emb: Tensor, generated: Tensor, spec: GeneratorSpec, dim: int) -> Tensor:
+    """``emb`` with ``generated`` (..., dim) added to the target field's vector (its bias column, if
+    any, untouched); out of place, so it is differentiable and works under ``vmap``."""
+    onehot = torch.zeros(emb.shape[-2], 1, dtype=emb.dtype, device=emb.device)
+    onehot[spec.target] = 1.0
+    pad = emb.shape[-1] - dim  # the bias column
+    if pad:
+        generated = torch.nn.functional.pad(generated, (0, pad))
+    return emb + onehot * generated.unsqueeze(-2)
 
 
 def split_id_bias(emb: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -52,6 +89,11 @@ class DLRM(nn.Module):
         id_bias: each embedding row carries one more column, the id's scalar bias; the logit is the
             top MLP's output plus the sum of the F (pooled) biases. On MovieLens-1M it changed no
             state's AUC (validation, 2 seeds; docs/results.md), so it is off by default.
+        generator: an MLP (ReLU between its layers, ``generator.*`` parameters, never adapted in the
+            inner loop) from the ``sources`` fields' vectors to one d-vector, added to the ``target``
+            field's vector before the interaction. A new item arrives with the OOV row, so its
+            vector becomes the OOV row plus one generated from its side features (MetaEmb's
+            generated embedding for a new id); a known item's own row learns the residual.
     """
 
     # index buffers of the strict upper triangle, registered for ``dot`` interaction only
@@ -67,6 +109,7 @@ class DLRM(nn.Module):
         top_mlp: Sequence[int] = (64, 32),
         interaction: Interaction = "dot",
         id_bias: bool = False,
+        generator: GeneratorSpec | None = None,
     ) -> None:
         super().__init__()
         if interaction not in ("dot", "concat"):
@@ -93,6 +136,13 @@ class DLRM(nn.Module):
                 f"interaction {interaction!r} of {n_vec} vector(s) gives no features for the top MLP"
             )
         self.top = mlp(top_in, [*top_mlp, 1], last_activation=False)
+        self.generator_spec = generator
+        self.generator: nn.Sequential | None = None
+        if generator is not None:
+            generator.check(num_fields)
+            self.generator = mlp(
+                len(generator.sources) * dim, [*generator.hidden, dim], last_activation=False
+            )
 
     def forward(self, emb: Tensor, dense: Tensor) -> Tensor:
         """Logits.
@@ -109,6 +159,9 @@ class DLRM(nn.Module):
                 f"embeddings of width {emb.shape[-1]}, the model reads rows of {self.row_dim} "
                 f"(dim {self.dim}{' + the id bias' if self.id_bias else ''})"
             )
+        if self.generator is not None and self.generator_spec is not None:
+            spec = self.generator_spec
+            emb = add_generated(emb, self.generator(generator_input(emb, spec, self.dim)), spec, self.dim)
         emb, id_bias = split_id_bias(emb, self.dim) if self.id_bias else (emb, None)
         vecs = emb
         bottom_out = None

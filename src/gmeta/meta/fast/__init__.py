@@ -18,9 +18,11 @@ measurements: docs/benchmarks.md, "How the fast path gets its speed".
 
 Supported: ``DLRM`` towers built by ``gmeta.model.dlrm.mlp`` (Linear/ReLU stacks), ``dot`` or
 ``concat`` interaction, with or without a bottom tower, with or without the per-id biases
-(``DLRM.id_bias``: added to the logit, adapted with their rows), any ``adapt_groups``,
+(``DLRM.id_bias``: added to the logit, adapted with their rows), with or without a generator
+(``DLRM.generator``: applied to the gathered embeddings, outside the inner loop, so not with
+``adapt_embeddings``, whose adapted rows would change its input), any ``adapt_groups``,
 ``inner_steps >= 0``, first or second order, ``adapt_embeddings``. ``supports`` says whether a
-model qualifies; the learner uses the ``vmap`` backend for any other.
+model and inner loop qualify; the learner uses the ``vmap`` backend for any other.
 
 Shapes: T tasks, S / Q / M padded samples per set, U looked-up rows, F id fields, d embedding dim.
 """
@@ -42,16 +44,18 @@ from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 __all__ = ["FastBackend", "supports"]
 
 
-def supports(model: nn.Module) -> bool:
-    """Whether the fast backend knows the model's structure."""
-    return towers_of(model, {}, ()) is not None
+def supports(model: nn.Module, adapt_embeddings: bool = False) -> bool:
+    """Whether the fast backend knows the model's structure (and, with a generator, whether the
+    inner loop leaves the rows alone)."""
+    towers = towers_of(model, {}, ())
+    return towers is not None and not (towers.generator_spec is not None and adapt_embeddings)
 
 
 class FastBackend(MetaBackend):
     """``MetaBackend`` computing with ``gmeta.meta.fast``; build it for a model ``supports`` accepts."""
 
     def __init__(self, model: DLRM, inner: InnerLoop) -> None:
-        if not supports(model):
+        if not supports(model, inner.adapt_embeddings):
             raise ValueError(
                 f"the fast backend does not support {type(model).__name__}; use the vmap backend"
             )

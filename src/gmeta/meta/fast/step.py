@@ -20,7 +20,7 @@ from gmeta.meta.fast.adapted import (
     materialize_layer,
 )
 from gmeta.meta.fast.rows import TaskRows, cat_sets, emb_position_grads, task_rows
-from gmeta.meta.fast.towers import Towers
+from gmeta.meta.fast.towers import Towers, generate
 from gmeta.meta.inner_lr import EMBEDDING_SLOT
 from gmeta.model.embedding import EmbeddingLookup, LocalIndex
 from gmeta.model.gather import SetIndex, gather, gather_sets, set_index
@@ -49,6 +49,12 @@ def _in_autocast_dtype(fn: Callable[..., _R]) -> Callable[..., _R]:
             return fn(tw.to(low), rows.to(low), *args, **kwargs)
 
     return wrapper
+
+
+def _embed(tw: Towers, rows: Tensor, ix: SetIndex) -> Tensor:
+    """A set's (T, M, F, d) embeddings as the towers read them: gathered, then the generator's output
+    added (``towers.generate``; the fast path has no generator with adapted rows)."""
+    return generate(tw, gather(rows, ix))
 
 
 def _set_weight(s: SetBatch, dtype: torch.dtype) -> Tensor:
@@ -173,8 +179,10 @@ def run_meta(
     # the backward), else the query's after the inner loop (not alive during it).
     e_s0 = e_q0 = None
     if attach_s0 and track_grad:
-        e_s0, e_q0 = gather_sets(rows, s_ix, q_ix)
+        e_s0, e_q0 = (generate(tw, e) for e in gather_sets(rows, s_ix, q_ix))
     tr = task_rows(s_ix, q_ix, rows.shape[0]) if (inner.adapt_embeddings and steps > 0) else None
+    # adapted rows would change the generator's input inside the inner loop (``fast.supports``)
+    assert tr is None or tw.generator_spec is None, "the fast path runs no generator with adapted rows"
 
     st = State(factor_lr=inner.lr)
     support_logits = None
@@ -184,7 +192,9 @@ def run_meta(
             inner_tw,
             inner_rows,
             s_ix,
-            e_s0 if e_s0 is not None else gather(rows if attach_s0 else inner_rows, s_ix),
+            e_s0
+            if e_s0 is not None
+            else _embed(*((tw, rows) if attach_s0 else (inner_tw, inner_rows)), s_ix),
             tr,
             sup,
             inner=inner,
@@ -195,7 +205,7 @@ def run_meta(
             train_rates=track_grad and inner.learned is not None,
         )
     elif support_grad:
-        e_s0 = gather(rows, s_ix) if e_s0 is None else e_s0
+        e_s0 = _embed(tw, rows, s_ix) if e_s0 is None else e_s0
         support_logits = forward_set(tw, st, e_s0, s_dense).logits
     e_s0 = None  # what the graph needs of the support side it has saved; free the rest now
     layers = inner_tw.bottom + inner_tw.top
@@ -209,7 +219,7 @@ def run_meta(
                 i: (q_layers[i].weight + (w - layers[i].weight), q_layers[i].bias + (b - layers[i].bias))
                 for i, (w, b) in st.weights.items()
             }
-        e_q = e_q0 if e_q0 is not None else gather(rows if track_grad else rows.detach(), q_ix)
+        e_q = e_q0 if e_q0 is not None else _embed(q_tw, rows if track_grad else rows.detach(), q_ix)
         if tr is not None and st.row_delta is not None:
             e_q = e_q + gather(st.row_delta, tr.query)
         cq = forward_set(q_tw, st, e_q, q_dense)
@@ -231,7 +241,7 @@ def _detach_cache(c: Cache) -> Cache:
 @_in_autocast_dtype
 def shared_logits(tw: Towers, rows: Tensor, idx: LocalIndex, s: SetBatch) -> Tensor:
     """(T, M) logits of one set at the shared weights."""
-    emb = gather(rows, set_index(idx, rows.dtype))
+    emb = _embed(tw, rows, set_index(idx, rows.dtype))
     return forward_set(tw, State(), emb, s.dense.to(rows.dtype)).logits
 
 
@@ -244,5 +254,5 @@ def plain_logits(
     ix = cat_sets(set_index(lookup.support, dtype), set_index(lookup.query, dtype))
     S = batch.support.mask.shape[1]
     dense = torch.cat([batch.support.dense, batch.query.dense], dim=1).to(dtype)
-    logits = forward_set(tw, State(), gather(rows, ix), dense).logits
+    logits = forward_set(tw, State(), _embed(tw, rows, ix), dense).logits
     return logits[:, :S], logits[:, S:]

@@ -2,18 +2,18 @@
 
 ``towers_of`` reads a ``DLRM`` whose towers are Linear/ReLU stacks (``gmeta.model.dlrm.mlp``) with a
 ``dot`` or ``concat`` interaction; for any other structure it returns None and the caller uses the
-vmap backend.
+vmap backend. ``generate`` applies the model's generator (``DLRM.generator``) to gathered embeddings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from gmeta.model.dlrm import DLRM
+from gmeta.model.dlrm import DLRM, GeneratorSpec, add_generated, generator_input
 
 
 @dataclass
@@ -38,6 +38,9 @@ class Towers:
     num_fields: int
     pairs: Tensor | None  # dot: (2, n(n-1)/2) flat indices i*n+j and j*n+i (i < j) of (n, n) products
     id_bias: bool = False  # the rows carry a bias column, added to the logit (``DLRM.id_bias``)
+    # ``DLRM.generator``: its layers (never adapted; ReLU between them) and where it reads and writes
+    generator: list[Layer] = field(default_factory=list)
+    generator_spec: GeneratorSpec | None = None
 
     @property
     def has_bottom(self) -> bool:
@@ -59,6 +62,8 @@ class Towers:
             self.num_fields,
             self.pairs,
             self.id_bias,
+            each(self.generator),
+            self.generator_spec,
         )
 
     def detached(self) -> Towers:
@@ -68,6 +73,20 @@ class Towers:
         """The towers with every weight cast to ``dtype`` (differentiable: gradients reach the
         original weights in their own dtype)."""
         return self._map(lambda t: t.to(dtype))
+
+
+def generate(tw: Towers, emb: Tensor) -> Tensor:
+    """Gathered (..., F, row_dim) embeddings as the towers read them: with a generator, its output
+    added to the target field's vectors (``DLRM.forward``'s first step); else ``emb`` itself."""
+    spec = tw.generator_spec
+    if spec is None:
+        return emb
+    h = generator_input(emb, spec, tw.dim)
+    for i, layer in enumerate(tw.generator):
+        h = torch.nn.functional.linear(h, layer.weight, layer.bias)
+        if i < len(tw.generator) - 1:
+            h = torch.relu(h)
+    return add_generated(emb, h, spec, tw.dim)
 
 
 def _linear_names(seq: nn.Sequential | None, prefix: str, last_relu: bool) -> list[str] | None:
@@ -98,7 +117,8 @@ def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tupl
         return None
     bottom = _linear_names(model.bottom, "bottom", last_relu=True)
     top = _linear_names(model.top, "top", last_relu=False)
-    if bottom is None or top is None or not top:
+    generator = _linear_names(model.generator, "generator", last_relu=False)
+    if bottom is None or top is None or not top or generator is None:
         return None
     own = dict(model.named_parameters())
 
@@ -119,4 +139,6 @@ def towers_of(model: nn.Module, params: Mapping[str, Tensor], adapt_groups: tupl
         model.num_fields,
         pairs,
         model.id_bias,
+        layers(generator, "generator"),  # "generator" is no adaptable group: never adapted
+        model.generator_spec,
     )
