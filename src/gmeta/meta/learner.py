@@ -43,11 +43,8 @@ def make_backend(model: DLRM, cfg: MetaConfig, inner: InnerLoop) -> MetaBackend:
     if cfg.backend == "fast":
         if fast.supports(model, inner.adapt_embeddings):
             return fast.FastBackend(model, inner)
-        log.info(
-            "meta.backend=fast does not know %s's structure%s: using the vmap backend",
-            type(model).__name__,
-            " with a generator and adapted rows" if getattr(model, "generator", None) is not None else "",
-        )
+        reason = "a generator with adapted rows" if fast.supports(model) else "a structure it does not know"
+        log.info("meta.backend=fast cannot run %s (%s): using the vmap backend", type(model).__name__, reason)
         return VmapBackend(model, inner)
     if cfg.backend == "vmap":
         return VmapBackend(model, inner)

@@ -236,17 +236,18 @@ class MovieLensSource:
             }
         )
         titles = items["movie_title"]
-        common = common_title_words(titles, self.title_word_min_films)
         year = pd.to_numeric(items["release_year"])
         items = pd.DataFrame(
             {
                 "item_id": items["item_id"],
                 "release_year": year.astype("int64").astype(str),
                 "genre": items["genre"],
-                "title_words": [title_word_tokens(t, vocabulary=common) for t in titles],
                 "year_norm": ((year - YEAR_MIN) / YEAR_SPAN).astype("float32"),
             }
         )
+        if self.title_words:
+            common = common_title_words(titles, self.title_word_min_films)
+            items["title_words"] = [title_word_tokens(t, vocabulary=common) for t in titles]
         df = pd.DataFrame(
             {
                 "user_id": inter["user_id"],

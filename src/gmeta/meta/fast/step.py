@@ -187,14 +187,14 @@ def run_meta(
     st = State(factor_lr=inner.lr)
     support_logits = None
     if steps > 0:
+        if e_s0 is None:  # the inner loop's view: attached when the support loss needs gradients
+            e_s0 = _embed(tw, rows, s_ix) if attach_s0 else _embed(inner_tw, inner_rows, s_ix)
         st, support_logits = _inner_loop(
             tw,
             inner_tw,
             inner_rows,
             s_ix,
-            e_s0
-            if e_s0 is not None
-            else _embed(*((tw, rows) if attach_s0 else (inner_tw, inner_rows)), s_ix),
+            e_s0,
             tr,
             sup,
             inner=inner,
